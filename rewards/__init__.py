@@ -1,0 +1,20 @@
+"""Reward functions, the plugin loader and their weighted sum.
+
+Every reward is called as `reward(prompts, completions, **columns) -> list[float]`; see
+rewards.registry for the contract. No Ray here: a Ray reward actor wraps `WeightedReward`.
+"""
+from rewards.combine import PRESETS, RewardSpec, WeightedReward, preset
+from rewards.countdown import CountdownReward, countdown_score, evaluate_equation
+from rewards.format import FormatReward, format_score
+from rewards.math_reward import MathReward, extract_answer, sanitize_answer, verify_answer
+from rewards.registry import Reward, RewardResult, available_rewards, build_reward, load_reward, register_reward
+from rewards.sandbox import JobResult, SubprocessPool
+
+__all__ = [
+    "PRESETS", "RewardSpec", "WeightedReward", "preset",
+    "CountdownReward", "countdown_score", "evaluate_equation",
+    "FormatReward", "format_score",
+    "MathReward", "extract_answer", "sanitize_answer", "verify_answer",
+    "Reward", "RewardResult", "available_rewards", "build_reward", "load_reward", "register_reward",
+    "JobResult", "SubprocessPool",
+]

@@ -1,0 +1,116 @@
+"""A weighted sum of rewards that keeps every component for logging, and the named presets."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rewards._common import check_batch
+from rewards.registry import Reward, build_reward
+
+_SPEC_KEYS = ("name", "weight", "kwargs", "shape", "key")
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One term of the sum. `name`: a registered reward or a path (see rewards.registry);
+    `kwargs`: passed to it; `shape`: force "trl"/"verl" for a path; `key`: the component's name in
+    logs (default: the reward's name)."""
+
+    name: str
+    weight: float = 1.0
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    shape: str | None = None
+    key: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"RewardSpec: name must be a non-empty string, got {self.name!r}")
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"RewardSpec {self.name!r}: weight must be a finite number, got {w!r}")
+        if not isinstance(self.kwargs, Mapping):
+            raise ValueError(f"RewardSpec {self.name!r}: kwargs must be a mapping, got {type(self.kwargs).__name__}")
+        if self.key is not None and (not isinstance(self.key, str) or not self.key):
+            raise ValueError(f"RewardSpec {self.name!r}: key must be a non-empty string, got {self.key!r}")
+
+    @classmethod
+    def parse(cls, spec: "RewardSpec | Mapping[str, Any] | str") -> "RewardSpec":
+        """From a spec, a config mapping with keys among name/weight/kwargs/shape/key (Hydra's
+        DictConfig is one), or a bare name (weight 1)."""
+        if isinstance(spec, RewardSpec):
+            return spec
+        if isinstance(spec, str):
+            return cls(spec)
+        if isinstance(spec, Mapping):
+            unknown = sorted(str(k) for k in spec if k not in _SPEC_KEYS)
+            if unknown:
+                raise ValueError(f"reward spec {dict(spec)!r}: unknown keys {unknown}; expected keys among {list(_SPEC_KEYS)}")
+            if "name" not in spec:
+                raise ValueError(f"reward spec {dict(spec)!r}: missing key 'name'")
+            return cls(**{k: (dict(v) if k == "kwargs" and isinstance(v, Mapping) else v) for k, v in spec.items()})
+        raise ValueError(f"reward spec must be a RewardSpec, a mapping or a name, got {type(spec).__name__} ({spec!r:.80})")
+
+
+# MMaDA (arXiv 2505.15809), UniGRPO text reasoning: correctness 2.0 + format 0.5.
+PRESETS: dict[str, tuple[RewardSpec, ...]] = {
+    "text_reasoning": (RewardSpec("math", 2.0), RewardSpec("format", 0.5)),
+    # d1's Countdown reward (1.0 correct, 0.1 well-placed but wrong) on its own.
+    "countdown": (RewardSpec("countdown", 1.0),),
+}
+
+
+def preset(name: str) -> list[RewardSpec]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown reward preset {name!r}; expected one of {sorted(PRESETS)}")
+    return list(PRESETS[name])
+
+
+class WeightedReward:
+    """`total[i] = sum_k weight_k * component_k[i]`, skipping NaN components ("does not apply").
+
+    Call: `(prompts, completions, **columns)` as every reward (rewards.registry). Returns
+    `{"total": [...], "components": {key: [...]}, "weights": {key: w}, "extras": {"key/extra": [...]}}`,
+    all lists with one entry per completion; components are the unweighted scores.
+    """
+
+    def __init__(self, specs: Sequence[RewardSpec | Mapping[str, Any] | str]):
+        if isinstance(specs, (str, Mapping, RewardSpec)) or not specs:
+            raise ValueError(f"WeightedReward needs a non-empty list of reward specs, got {specs!r:.80}")
+        self.specs = [RewardSpec.parse(s) for s in specs]
+        self.rewards: list[Reward] = []
+        try:
+            for spec in self.specs:
+                self.rewards.append(build_reward(spec.name, spec.kwargs, spec.shape))
+        except BaseException:
+            self.close()
+            raise
+        self.keys = [spec.key or reward.name for spec, reward in zip(self.specs, self.rewards)]
+        duplicates = sorted({k for k in self.keys if self.keys.count(k) > 1})
+        if duplicates:
+            self.close()
+            raise ValueError(f"WeightedReward: component keys {duplicates} appear twice; give the specs distinct 'key's")
+
+    def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]) -> dict[str, Any]:
+        n = check_batch("weighted sum", prompts, completions, columns)
+        total = [0.0] * n
+        components: dict[str, list[float]] = {}
+        extras: dict[str, list[Any]] = {}
+        for key, spec, reward in zip(self.keys, self.specs, self.rewards):
+            result = reward.score(prompts, completions, **columns)
+            components[key] = result.scores
+            extras.update({f"{key}/{name}": values for name, values in result.extras.items()})
+            for i, s in enumerate(result.scores):
+                if not math.isnan(s):
+                    total[i] += spec.weight * s
+        return {
+            "total": total,
+            "components": components,
+            "weights": {key: float(spec.weight) for key, spec in zip(self.keys, self.specs)},
+            "extras": extras,
+        }
+
+    def close(self) -> None:
+        for reward in self.rewards:
+            reward.close()

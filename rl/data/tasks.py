@@ -1,0 +1,140 @@
+"""Synthetic verifiable tasks generated in code, and loading/validation of task rows.
+
+A task row is a dict with at least `prompt` (user message), `answer` (ground truth checked by a
+reward) and `task` (its name); `solution` is a reference completion used for SFT. Countdown rows
+also carry `numbers` and `target`.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+NAMES = ["Ann", "Ben", "Cal", "Dee", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kai", "Lea", "Max", "Nia", "Omar", "Pia"]
+ITEMS = ["apples", "books", "coins", "cards", "eggs", "pens", "shells", "stamps", "toys", "marbles"]
+
+
+def _arithmetic(rng: random.Random) -> dict:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.randrange(6)
+    if kind == 0:
+        a, b = rng.randint(2, 60), rng.randint(2, 40)
+        q = f"{name} has {a} {item} and gets {b} more. How many {item} now?"
+        steps, ans = [f"{a}+{b}={a + b}"], a + b
+    elif kind == 1:
+        a = rng.randint(10, 90)
+        b = rng.randint(2, a - 1)
+        q = f"{name} has {a} {item} and gives away {b}. How many are left?"
+        steps, ans = [f"{a}-{b}={a - b}"], a - b
+    elif kind == 2:
+        a, b = rng.randint(2, 9), rng.randint(2, 12)
+        q = f"{name} buys {a} bags of {b} {item}. How many {item} in all?"
+        steps, ans = [f"{a}*{b}={a * b}"], a * b
+    elif kind == 3:
+        b = rng.randint(2, 9)
+        ans = rng.randint(2, 12)
+        a = b * ans
+        q = f"{name} shares {a} {item} among {b} friends. How many each?"
+        steps = [f"{a}/{b}={ans}"]
+    elif kind == 4:
+        a, b = rng.randint(5, 50), rng.randint(2, 30)
+        c = rng.randint(1, a + b - 1)
+        s = a + b
+        q = f"{name} has {a} {item}, finds {b} and loses {c}. How many now?"
+        steps, ans = [f"{a}+{b}={s}", f"{s}-{c}={s - c}"], s - c
+    else:
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 20)
+        p = a * b
+        q = f"{name} has {a} boxes of {b} {item} and {c} more. How many in all?"
+        steps, ans = [f"{a}*{b}={p}", f"{p}+{c}={p + c}"], p + c
+    return {"prompt": q, "answer": str(ans), "solution": f"<think>{', '.join(steps)}</think><answer>{ans}</answer>"}
+
+
+def _countdown(rng: random.Random) -> dict:
+    # Build a target from a random expression over three numbers, keeping every value a positive integer.
+    while True:
+        nums = [rng.randint(1, 20) for _ in range(3)]
+        order = nums[:]
+        rng.shuffle(order)
+        a, b, c = order
+        op1, op2 = rng.choice("+-*"), rng.choice("+-*/")
+        x = {"+": a + b, "-": a - b, "*": a * b}[op1]
+        if x <= 0:
+            continue
+        if op2 == "/":
+            if x % c:
+                continue
+            t = x // c
+        else:
+            t = {"+": x + c, "-": x - c, "*": x * c}[op2]
+        if not 1 <= t <= 100:
+            continue
+        left = f"({a}{op1}{b})" if op1 in "+-" and op2 in "*/" else f"{a}{op1}{b}"
+        eq = f"{left}{op2}{c}"
+        q = f"Use {nums} to make {t}. Use + - * / and each number once."
+        steps = f"{a}{op1}{b}={x}, {x}{op2}{c}={t}"
+        return {"prompt": q, "answer": str(t), "numbers": nums, "target": t,
+                "solution": f"<think>{steps}</think><answer>{eq}</answer>"}
+
+
+GENERATORS = {"arithmetic": _arithmetic, "countdown": _countdown}
+# Split seeds are far apart so train and held-out rows come from disjoint random streams.
+SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+def make_rows(task: str, n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    if task not in GENERATORS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(GENERATORS)}")
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_OFFSETS)}")
+    rng = random.Random(seed * 7919 + SPLIT_OFFSETS[split] + hash_task(task))
+    return [{**GENERATORS[task](rng), "task": task} for _ in range(n)]
+
+
+def hash_task(task: str) -> int:
+    return sum((i + 1) * ord(ch) for i, ch in enumerate(task))  # stable across processes, unlike hash()
+
+
+def make_mixture(tasks: dict[str, int], seed: int = 0, split: str = "train") -> list[dict]:
+    rows = [row for task, n in tasks.items() for row in make_rows(task, n, seed, split)]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+REQUIRED = ("prompt", "answer")
+
+
+def validate_rows(rows: list[dict], source: str) -> list[dict]:
+    """One clear error naming the source, the row and the key, before anything trains on it."""
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}: row {i} is {type(row).__name__}, expected an object with keys {REQUIRED}")
+        for key in REQUIRED:
+            value = row.get(key)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise ValueError(f"{source}: row {i} has no {key!r} (expected a non-empty string)")
+            if not isinstance(value, (str, int, float)):
+                raise ValueError(f"{source}: row {i} key {key!r} is {type(value).__name__}, expected a string")
+    return rows
+
+
+def load_jsonl(path: str | Path, default_task: str | None = None) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {str(path)!r} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if isinstance(row, dict):
+                row.setdefault("task", default_task or path.stem)
+                row["answer"] = str(row["answer"]) if isinstance(row.get("answer"), (int, float)) else row.get("answer")
+            rows.append(row)
+    return validate_rows(rows, str(path))

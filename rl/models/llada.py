@@ -1,0 +1,202 @@
+"""A native LLaDA-architecture masked diffusion LM.
+
+Parameter names follow LLaDA-8B / MMaDA-8B checkpoints (OLMo lineage, "llama" block type) so their
+safetensors load into this class unchanged:
+
+    model.transformer.wte.weight
+    model.transformer.blocks.{i}.{attn_norm,ff_norm}.weight
+    model.transformer.blocks.{i}.{q_proj,k_proj,v_proj,attn_out}.weight
+    model.transformer.blocks.{i}.{ff_proj,up_proj,ff_out}.weight
+    model.transformer.ln_f.weight
+    model.transformer.ff_out.weight          (absent when weight_tying)
+
+Attention is bidirectional: the only mask is the padding mask.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+
+class LLaDAConfig(PretrainedConfig):
+    model_type = "llada"
+
+    def __init__(
+        self,
+        d_model: int = 4096,
+        n_heads: int = 32,
+        n_kv_heads: int | None = None,
+        n_layers: int = 32,
+        mlp_hidden_size: int = 12288,
+        rope_theta: float = 500000.0,
+        rms_norm_eps: float = 1e-5,
+        vocab_size: int = 126464,
+        embedding_size: int | None = None,
+        mask_token_id: int = 126336,
+        weight_tying: bool = False,
+        max_sequence_length: int = 4096,
+        init_std: float = 0.02,
+        include_bias: bool = False,
+        **kwargs,
+    ):
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads if n_kv_heads is not None else n_heads
+        self.n_layers = n_layers
+        self.mlp_hidden_size = mlp_hidden_size
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.vocab_size = vocab_size
+        self.embedding_size = embedding_size if embedding_size is not None else vocab_size
+        self.mask_token_id = mask_token_id
+        self.weight_tying = weight_tying
+        self.max_sequence_length = max_sequence_length
+        self.init_std = init_std
+        self.include_bias = include_bias
+        kwargs.setdefault("tie_word_embeddings", weight_tying)
+        super().__init__(**kwargs)
+        self.validate_shape()
+
+    def validate_shape(self) -> None:
+        def bad(key, why):
+            raise ValueError(f"LLaDAConfig.{key}={getattr(self, key)!r}: {why}")
+
+        for key in ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                bad(key, "expected a positive integer")
+        if self.d_model % self.n_heads:
+            bad("d_model", f"must be divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            bad("n_heads", "head dimension d_model/n_heads must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
+        if self.embedding_size < self.vocab_size:
+            bad("embedding_size", f"must be >= vocab_size={self.vocab_size}")
+        if not 0 <= self.mask_token_id < self.embedding_size:
+            bad("mask_token_id", f"must be a token id in [0, {self.embedding_size})")
+        if self.include_bias:
+            bad("include_bias", "LLaDA checkpoints have no biases; only False is supported")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as LLaDA does, so bf16 weights give the same statistics.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Half-split rotation (not interleaved), the layout LLaDA's rotary embedding uses.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class LLaDABlock(nn.Module):
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        d, hd = config.d_model, config.d_model // config.n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hd
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask):
+        B, T, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+        x = x + self.attn_out(att.transpose(1, 2).reshape(B, T, -1))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class LLaDAModel(nn.Module):
+    """Holds `transformer` so that parameter paths read `model.transformer.*` as in LLaDA."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        modules = dict(
+            wte=nn.Embedding(config.embedding_size, config.d_model),
+            blocks=nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers)),
+            ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
+        )
+        if not config.weight_tying:
+            modules["ff_out"] = nn.Linear(config.d_model, config.embedding_size, bias=False)
+        self.transformer = nn.ModuleDict(modules)
+
+
+class LLaDAModelLM(PreTrainedModel):
+    config_class = LLaDAConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LLaDABlock"]
+    _supports_sdpa = True
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__(config)
+        self.model = LLaDAModel(config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = self.config.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def get_input_embeddings(self):
+        return self.model.transformer.wte
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **_unused,
+    ) -> MaskedLMOutput:
+        t = self.model.transformer
+        B, T = input_ids.shape
+        x = t.wte(input_ids)
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            else:
+                # Left padding shifts positions, so a padded row sees the same RoPE phases as unpadded.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        cos, sin = rope_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.dtype)
+        attn_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            attn_mask = attention_mask.bool()[:, None, None, :]  # keys only: attention is bidirectional
+        for block in t.blocks:
+            x = block(x, cos, sin, attn_mask)
+        x = t.ln_f(x)
+        head = t.wte.weight if self.config.weight_tying else t.ff_out.weight
+        logits = F.linear(x, head)
+        return MaskedLMOutput(logits=logits)

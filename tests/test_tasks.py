@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from rl.data.tasks import load_jsonl, make_mixture, make_rows, validate_rows
+
+
+def test_rows_are_deterministic_and_splits_differ():
+    a = make_rows("arithmetic", 50, seed=1)
+    assert a == make_rows("arithmetic", 50, seed=1)
+    assert a != make_rows("arithmetic", 50, seed=2)
+    val = {r["prompt"] for r in make_rows("arithmetic", 200, seed=1, split="val")}
+    assert len(val & {r["prompt"] for r in make_rows("arithmetic", 200, seed=1)}) < 10
+    assert all(r["task"] == "arithmetic" and r["answer"].isdigit() for r in a)
+
+
+def test_countdown_rows_carry_numbers_and_target():
+    rows = make_rows("countdown", 100, seed=0)
+    for r in rows:
+        assert len(r["numbers"]) == 3 and 1 <= r["target"] <= 100 and r["answer"] == str(r["target"])
+        assert f"make {r['target']}" in r["prompt"]
+
+
+def test_mixture_contains_each_task():
+    rows = make_mixture({"arithmetic": 5, "countdown": 7}, seed=0)
+    assert sorted(r["task"] for r in rows) == ["arithmetic"] * 5 + ["countdown"] * 7
+
+
+def test_unknown_task_and_split():
+    with pytest.raises(ValueError, match="unknown task 'sudoku'"):
+        make_rows("sudoku", 1)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        make_rows("arithmetic", 1, split="dev")
+
+
+def test_row_without_answer_is_named():
+    with pytest.raises(ValueError, match=r"mydata: row 1 has no 'answer'"):
+        validate_rows([{"prompt": "a", "answer": "1"}, {"prompt": "b"}], "mydata")
+    with pytest.raises(ValueError, match=r"row 0 has no 'prompt'"):
+        validate_rows([{"prompt": "  ", "answer": "1"}], "x")
+
+
+def test_jsonl_loading_names_file_and_line(tmp_path):
+    good = tmp_path / "gsm.jsonl"
+    good.write_text(json.dumps({"prompt": "1+1?", "answer": 2}) + "\n\n" + json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n")
+    rows = load_jsonl(good)
+    assert [r["answer"] for r in rows] == ["2", "4"] and rows[0]["task"] == "gsm"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "answer": "1"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_jsonl(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_jsonl(tmp_path / "missing.jsonl")
