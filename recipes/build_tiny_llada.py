@@ -28,7 +28,7 @@ from rl.models.tokenizer import BOS, EOT, END_HEADER, START_HEADER, train_tokeni
 from rl.sft import sft_loss
 from rollout.sampler import SamplerConfig
 
-ANSWER_LENGTHS = {32: 0.45, 48: 0.25, 64: 0.1, 128: 0.1, 256: 0.07, 512: 0.03}
+ANSWER_LENGTHS = {32: 0.55, 48: 0.2, 64: 0.1, 128: 0.08, 256: 0.05, 512: 0.02}
 EVAL_SAMPLER = SamplerConfig(gen_length=32, block_length=16, steps=16, temperature=0.9)
 
 
@@ -44,7 +44,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=TINY_CHECKPOINT)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-steps", type=int, default=6000)
+    ap.add_argument("--max-steps", type=int, default=8000)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--target", type=float, default=0.35, help="stop once held-out arithmetic pass@1 reaches this")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -61,7 +61,7 @@ def main(argv=None):
             for r in train[::20]]
     tok = train_tokenizer(chat + [r["solution"] for r in train], vocab_size=512)
     config = LLaDAConfig(
-        d_model=128, n_heads=4, n_kv_heads=2, n_layers=4, mlp_hidden_size=384, rope_theta=10000.0,
+        d_model=128, n_heads=4, n_kv_heads=2, n_layers=6, mlp_hidden_size=512, rope_theta=10000.0,
         vocab_size=len(tok), mask_token_id=tok.mask_token_id, weight_tying=True, max_sequence_length=1024,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
@@ -94,8 +94,15 @@ def main(argv=None):
             res = pass_at_k(model, tok, val, 4, EVAL_SAMPLER, exact_answer, batch_size=128, seed=args.seed)
             history.append({"step": step, "loss": round(ema, 4), **res, "elapsed_s": round(time.time() - t0)})
             print("eval", json.dumps(history[-1]), flush=True)
+            save(model, tok, args, step, history)
             if res["pass@1"] >= args.target:
                 break
+    save(model, tok, args, step, history)
+    print(f"wrote {args.out} after {step} steps")
+
+
+def save(model, tok, args, step, history):
+    # Saved at every evaluation too, so an interrupted build still leaves its latest checkpoint.
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
@@ -103,7 +110,6 @@ def main(argv=None):
             "params": sum(p.numel() for p in model.parameters()), "eval_sampler": vars(EVAL_SAMPLER),
             "selection_history": history}
     (args.out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {args.out} after {step} steps")
 
 
 if __name__ == "__main__":

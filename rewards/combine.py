@@ -9,22 +9,28 @@ from typing import Any
 from rewards._common import check_batch
 from rewards.registry import Reward, build_reward
 
-_SPEC_KEYS = ("name", "weight", "kwargs", "shape", "key")
+_SPEC_KEYS = ("name", "weight", "kwargs", "shape", "key", "tasks")
 
 
 @dataclass(frozen=True)
 class RewardSpec:
     """One term of the sum. `name`: a registered reward or a path (see rewards.registry);
     `kwargs`: passed to it; `shape`: force "trl"/"verl" for a path; `key`: the component's name in
-    logs (default: the reward's name)."""
+    logs (default: the reward's name); `tasks`: the task names (column `task`) it applies to, None = all
+    (in a mixed batch, e.g. Countdown's reward only scores Countdown rows; others get NaN)."""
 
     name: str
     weight: float = 1.0
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     shape: str | None = None
     key: str | None = None
+    tasks: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if self.tasks is not None:
+            if isinstance(self.tasks, str) or not all(isinstance(t, str) for t in self.tasks):
+                raise ValueError(f"RewardSpec {self.name!r}: tasks must be a list of task names, got {self.tasks!r}")
+            object.__setattr__(self, "tasks", tuple(self.tasks))
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"RewardSpec: name must be a non-empty string, got {self.name!r}")
         w = self.weight
@@ -49,7 +55,10 @@ class RewardSpec:
                 raise ValueError(f"reward spec {dict(spec)!r}: unknown keys {unknown}; expected keys among {list(_SPEC_KEYS)}")
             if "name" not in spec:
                 raise ValueError(f"reward spec {dict(spec)!r}: missing key 'name'")
-            return cls(**{k: (dict(v) if k == "kwargs" and isinstance(v, Mapping) else v) for k, v in spec.items()})
+            fields = {k: (dict(v) if k == "kwargs" and isinstance(v, Mapping) else v) for k, v in spec.items()}
+            if fields.get("tasks") is not None and not isinstance(fields["tasks"], str):
+                fields["tasks"] = tuple(fields["tasks"])  # Hydra ListConfig -> tuple
+            return cls(**fields)
         raise ValueError(f"reward spec must be a RewardSpec, a mapping or a name, got {type(spec).__name__} ({spec!r:.80})")
 
 
@@ -98,10 +107,16 @@ class WeightedReward:
         components: dict[str, list[float]] = {}
         extras: dict[str, list[Any]] = {}
         for key, spec, reward in zip(self.keys, self.specs, self.rewards):
-            result = reward.score(prompts, completions, **columns)
-            components[key] = result.scores
-            extras.update({f"{key}/{name}": values for name, values in result.extras.items()})
-            for i, s in enumerate(result.scores):
+            idx = list(range(n)) if spec.tasks is None else _rows_of(spec, columns, n)
+            if not idx:
+                components[key] = [math.nan] * n
+                continue
+            pick = (lambda seq: [seq[i] for i in idx]) if spec.tasks is not None else (lambda seq: seq)
+            result = reward.score(None if prompts is None else pick(prompts), pick(completions),
+                                  **{c: pick(v) for c, v in columns.items()})
+            components[key] = scores = _spread(result.scores, idx, n, math.nan)
+            extras.update({f"{key}/{name}": _spread(v, idx, n, None) for name, v in result.extras.items()})
+            for i, s in enumerate(scores):
                 if not math.isnan(s):
                     total[i] += spec.weight * s
         return {
@@ -114,3 +129,17 @@ class WeightedReward:
     def close(self) -> None:
         for reward in self.rewards:
             reward.close()
+
+
+def _rows_of(spec: RewardSpec, columns: Mapping[str, Sequence[Any]], n: int) -> list[int]:
+    tasks = columns.get("task", columns.get("data_source"))
+    if tasks is None:
+        raise ValueError(f"reward {spec.name!r} is limited to tasks {list(spec.tasks)} but the batch has no 'task' column")
+    return [i for i in range(n) if tasks[i] in spec.tasks]
+
+
+def _spread(values: Sequence[Any], idx: list[int], n: int, fill: Any) -> list[Any]:
+    out = [fill] * n
+    for j, i in enumerate(idx):
+        out[i] = values[j]
+    return out

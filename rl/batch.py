@@ -37,3 +37,9 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
+
+    @staticmethod
+    def left_pad(parts: list[torch.Tensor], pad_value: int) -> torch.Tensor:
+        """Stack [b_i, P_i] tensors into [sum b_i, max P_i], padding on the left."""
+        width = max(p.shape[1] for p in parts)
+        return torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0), value=pad_value) for p in parts])

@@ -1,0 +1,366 @@
+"""The learner: one process per rank holds the policy in a DeepSpeed engine and runs policy_update.
+
+Plain Python on top of torch.distributed and DeepSpeed (no Ray): a thin actor wraps one Learner per
+rank. Every method below except the constructor's argument checks is collective: all ranks call it
+in the same order, as torch.distributed and DeepSpeed require.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig
+
+from rl.batch import RolloutBatch
+from rl.estimators import build_estimator
+from rl.models import check_checkpoint_dir, load_model, load_tokenizer
+from rl.update import policy_update
+
+OPTIM_DEFAULTS = {"lr": 1e-6, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
+                  "max_grad_norm": 1.0, "warmup_steps": 0}
+# LLaDA's projections inside the blocks; a regex, because the bare name "ff_out" would also put an
+# adapter on the untied LM head (model.transformer.ff_out).
+LORA_TARGETS = r".*\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)"
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": LORA_TARGETS}
+LORA_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}  # the names recipes use
+METRICS = ("pg_loss", "pg_clipfrac", "ppo_kl", "kl_loss", "entropy", "grad_norm", "skipped_steps", "lr")
+CHECKPOINT_TAG = "learner"
+
+
+def _fail(key: str, expected: str, got) -> None:
+    raise ValueError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_algorithm(algorithm: dict) -> tuple[str, int, dict]:
+    if not isinstance(algorithm, dict) or "name" not in algorithm:
+        _fail("algorithm", "a dict with 'name' (and 'mu' plus estimator hyperparameters)", algorithm)
+    rest = dict(algorithm)
+    name, mu = rest.pop("name"), rest.pop("mu", 1)
+    if not _is_int(mu) or mu < 1:
+        _fail("algorithm.mu", "an integer >= 1", mu)
+    if "mask_id" in rest:
+        _fail("algorithm.mask_id", "not set (it is read from the model's config)", rest["mask_id"])
+    build_estimator(name, **rest)  # checks name and hyperparameters before anything heavy starts
+    return name, mu, rest
+
+
+def _check_optim(optim: dict) -> dict:
+    if not isinstance(optim, dict):
+        _fail("optim", f"a dict with keys from {sorted(OPTIM_DEFAULTS)}", optim)
+    unknown = sorted(set(optim) - set(OPTIM_DEFAULTS))
+    if unknown:
+        _fail("optim", f"keys from {sorted(OPTIM_DEFAULTS)}", unknown)
+    o = {**OPTIM_DEFAULTS, **optim}
+    if not _is_num(o["lr"]) or o["lr"] <= 0:
+        _fail("optim.lr", "a learning rate > 0", o["lr"])
+    if not _is_num(o["weight_decay"]) or o["weight_decay"] < 0:
+        _fail("optim.weight_decay", "a value >= 0", o["weight_decay"])
+    b = o["betas"]
+    if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(_is_num(x) and 0 <= x < 1 for x in b)):
+        _fail("optim.betas", "two numbers in [0, 1)", b)
+    if not _is_num(o["eps"]) or o["eps"] <= 0:
+        _fail("optim.eps", "a value > 0", o["eps"])
+    if not _is_num(o["max_grad_norm"]) or o["max_grad_norm"] <= 0:
+        _fail("optim.max_grad_norm", "a clipping norm > 0", o["max_grad_norm"])
+    if not _is_int(o["warmup_steps"]) or o["warmup_steps"] < 0:
+        _fail("optim.warmup_steps", "an integer >= 0", o["warmup_steps"])
+    o["betas"] = tuple(float(x) for x in b)
+    return o
+
+
+def _check_lora(lora: dict | None):
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    if not isinstance(lora, dict):
+        _fail("lora", "None or a dict of peft LoraConfig fields (r, lora_alpha, target_modules, ...)", lora)
+    lora = dict(lora)
+    for short, full in LORA_ALIASES.items():
+        if short in lora:
+            if full in lora:
+                _fail(f"lora.{short}", f"not given together with lora.{full} (the same setting)", lora[short])
+            lora[full] = lora.pop(short)
+    kw = {**LORA_DEFAULTS, **lora}
+    if not _is_int(kw["r"]) or kw["r"] < 1:
+        _fail("lora.r", "an integer >= 1", kw["r"])
+    try:
+        return LoraConfig(**kw)
+    except TypeError as e:
+        raise ValueError(f"lora: expected peft LoraConfig fields ({e})") from None
+
+
+def _ds_config(zero_stage: int, optim: dict, cpu: bool, bf16: bool) -> dict:
+    lr = optim["lr"]
+    return {
+        # Nominal sizes: DeepSpeed requires them, but batches are fed by update(), not its dataloader,
+        # and each backward is its own step (no gradient accumulation across inner steps).
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": optim["max_grad_norm"],
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": lr, "betas": list(optim["betas"]), "eps": optim["eps"],
+            "weight_decay": optim["weight_decay"],
+            # DeepSpeed's fused Adam is a CUDA kernel; torch's AdamW runs anywhere.
+            "torch_adam": cpu}},
+        # Constant after a linear warmup; a scheduler always exists so checkpoints have one shape.
+        "scheduler": {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0 if optim["warmup_steps"] else lr, "warmup_max_lr": lr,
+            "warmup_num_steps": max(optim["warmup_steps"], 1), "warmup_type": "linear"}},
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+class _AdapterDisabled:
+    """The frozen reference of a LoRA policy: the same engine with its adapters switched off."""
+
+    def __init__(self, engine, peft_model):
+        self.engine, self.peft_model = engine, peft_model
+
+    def __call__(self, **inputs):
+        with self.peft_model.disable_adapter():
+            return self.engine(**inputs)
+
+
+class Learner:
+    """The policy (and its frozen reference) of one data-parallel rank.
+
+    model_path: a local checkpoint directory (rl.models.load_model); its config gives the mask id.
+    algorithm:  {"name": "unigrpo", "mu": 4, **estimator hyperparameters}; everything but name and mu
+                goes to rl.estimators.build_estimator (e.g. eps, beta, kl, aggregation, T). mu defaults
+                to 1. The reference model is loaded only when the estimator needs one (beta > 0).
+    optim:      {"lr": 1e-6, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
+                 "max_grad_norm": 1.0, "warmup_steps": 0}; omitted keys take these defaults.
+                AdamW with gradient clipping; lr rises linearly over warmup_steps, then stays.
+    zero_stage: DeepSpeed ZeRO stage 0..3.
+    lora:       None, or peft LoraConfig fields ("alpha"/"dropout" accepted for lora_alpha/lora_dropout);
+                defaults {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+                "target_modules": LORA_TARGETS (every block projection, not the LM head)}.
+                With LoRA the reference is the policy with its adapters disabled (no second copy).
+    device:     "cpu" (gloo, fp32) or "cuda[:i]" (nccl); bf16=True trains in bf16 on CUDA.
+    The process group is created on master_addr:master_port unless one already exists.
+    """
+
+    def __init__(self, model_path: str, algorithm: dict, optim: dict, zero_stage: int, rank: int,
+                 world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500,
+                 lora: dict | None = None, seed: int = 0, device: str = "cpu", bf16: bool = False):
+        name, self.mu, est_kwargs = _check_algorithm(algorithm)
+        self.optim = _check_optim(optim)
+        lora_config = _check_lora(lora)
+        if not _is_int(zero_stage) or zero_stage not in (0, 1, 2, 3):
+            _fail("zero_stage", "one of 0, 1, 2, 3", zero_stage)
+        if not _is_int(world_size) or world_size < 1:
+            _fail("world_size", "an integer >= 1", world_size)
+        if not _is_int(rank) or not 0 <= rank < world_size:
+            _fail("rank", f"an integer in [0, {world_size})", rank)
+        if not _is_int(master_port) or not 0 < master_port < 65536:
+            _fail("master_port", "a TCP port in 1..65535", master_port)
+        if not (isinstance(device, str) and device.split(":")[0] in ("cpu", "cuda")):
+            _fail("device", "'cpu' or 'cuda[:index]'", device)
+        self.device = torch.device(device)
+        if bf16 and self.device.type != "cuda":
+            _fail("bf16", "False on the CPU (fp32 training)", bf16)
+        check_checkpoint_dir(model_path)
+        self.mask_id = AutoConfig.from_pretrained(model_path).mask_token_id
+        self.estimator = build_estimator(name, **est_kwargs, mask_id=self.mask_id)
+
+        self.model_path, self.rank, self.world_size = str(model_path), rank, world_size
+        self.zero_stage, self.bf16, self.seed = zero_stage, bf16, seed
+        self._owns_group = self._init_process_group(master_addr, master_port)
+        # ZeRO-3 shards each rank's own copy without broadcasting it, so randomly initialised weights
+        # (LoRA's A matrices) must come out identical on every rank.
+        torch.manual_seed(seed)
+
+        policy = load_model(model_path)
+        self.peft_model = None
+        if lora_config is not None:
+            from peft import get_peft_model
+
+            policy = self.peft_model = get_peft_model(policy, lora_config)
+        policy.to(self.device)
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(
+            model=policy, model_parameters=trainable,
+            config=_ds_config(zero_stage, self.optim, self.device.type == "cpu", bf16))
+        self.ref = None
+        if self.estimator.needs_ref:
+            self.ref = _AdapterDisabled(self.engine, self.peft_model) if self.peft_model else self._load_reference()
+
+    def _init_process_group(self, addr: str, port: int) -> bool:
+        local = self.device.index if self.device.type == "cuda" and self.device.index is not None else 0
+        # DeepSpeed reads these even when the group already exists (LOCAL_RANK picks the device).
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(local))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if dist.is_initialized():
+            return False
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world_size)
+        return True
+
+    def _load_reference(self):
+        ref = load_model(self.model_path).to(self.device).eval().requires_grad_(False)
+        if self.zero_stage != 3:
+            return ref.to(torch.bfloat16) if self.bf16 else ref
+        # Under ZeRO-3 the policy is sharded because it does not fit on one rank; neither does a
+        # full reference, so it is sharded the same way (an optimizer-less engine).
+        engine, *_ = deepspeed.initialize(model=ref, config={
+            "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": self.bf16}, "steps_per_print": 2**31 - 1})
+        engine.eval()
+        return engine
+
+    @property
+    def module(self):
+        """The LLaDAModelLM being trained (inside the peft wrapper when LoRA is on)."""
+        return self.peft_model.get_base_model() if self.peft_model else self.engine.module
+
+    # --- training -------------------------------------------------------------------------------
+
+    def shard(self, batch: RolloutBatch) -> RolloutBatch:
+        """This rank's rows: a contiguous run of whole groups."""
+        B, G = len(batch), batch.group_size
+        if B % G:
+            _fail("batch.group_size", f"a divisor of the batch size {B}", G)
+        if (B // G) % self.world_size:
+            _fail("batch", f"a number of groups divisible by world_size={self.world_size}", f"{B // G} groups")
+        n = B // self.world_size
+        rows = slice(self.rank * n, (self.rank + 1) * n)
+
+        def part(x):
+            return x[rows].to(self.device) if isinstance(x, torch.Tensor) else x
+
+        extras = {k: v[rows] if isinstance(v, (list, tuple)) and len(v) == B else v for k, v in batch.extras.items()}
+        return replace(batch, prompt_ids=part(batch.prompt_ids), prompt_mask=part(batch.prompt_mask),
+                       answer_ids=part(batch.answer_ids), answer_mask=part(batch.answer_mask),
+                       advantages=part(batch.advantages), rewards=part(batch.rewards), extras=extras)
+
+    def _step(self, loss: torch.Tensor) -> dict:
+        self.engine.backward(loss)
+        if self.zero_stage == 0 and not self.bf16:
+            # Only DeepSpeed's ZeRO and bf16 optimizers skip a step on a non-finite grad norm; plain
+            # fp32 clips and applies NaNs. Gradients are already all-reduced by backward(), so every
+            # rank computes the same norm and takes the same branch.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not math.isfinite(norm):
+                self.engine.zero_grad()
+                self.engine.skipped_steps += 1  # as DeepSpeed counts it; the lr schedule does not tick
+                return {"grad_norm": norm, "skipped_steps": 1.0}
+            self.engine.step()
+            return {"grad_norm": norm, "skipped_steps": 0.0}
+        # ZeRO-1/2/3 and bf16: DeepSpeed all-reduces the norm of the partitioned gradients, discards
+        # them when it is not finite, and skips both the optimizer and the lr scheduler step.
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return {"grad_norm": float("nan") if norm is None else float(norm),
+                "skipped_steps": float(not self.engine.was_step_applied())}
+
+    def update(self, batch: RolloutBatch, seed: int) -> dict:
+        """mu inner steps on this rank's share of `batch`; metrics averaged over ranks.
+
+        The masking noise comes from (seed, rank), so an update is reproducible given its seed.
+        skipped_steps counts inner steps whose optimizer step was skipped (non-finite grad norm).
+        """
+        part = self.shard(batch)
+        generator = torch.Generator().manual_seed(seed * self.world_size + self.rank)
+        self.engine.train()
+        lr = float(self.engine.get_lr()[0])  # the rate this update starts with, not the next one's
+        metrics = policy_update(self.engine, self.ref, self.estimator, part, self.mu, self.mask_id,
+                                self._step, generator)
+        metrics["lr"] = lr
+        values = torch.tensor([metrics[k] for k in METRICS], dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(values)
+        return dict(zip(METRICS, (values / self.world_size).tolist()))
+
+    @property
+    def _comm_device(self):
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    # --- weights --------------------------------------------------------------------------------
+
+    def _gathered(self, params):
+        if self.zero_stage != 3:
+            return nullcontext()
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+    def state_dict_for_rollout(self) -> dict[str, torch.Tensor] | None:
+        """Full fp32 CPU weights in LLaDAModelLM's key layout on rank 0 (None elsewhere); collective.
+
+        ZeRO-3 shards are gathered one module at a time so no rank ever holds two full copies.
+        LoRA adapters are merged arithmetically (W + delta) into the returned tensors only: merging
+        in place and unmerging afterwards would leave rounding error in the trained base weights.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        out: dict[str, torch.Tensor] = {}
+        lora_prefixes: list[str] = []
+
+        def keep(key: str, tensor: torch.Tensor):
+            if self.rank == 0:
+                out[key] = tensor.detach().to("cpu", torch.float32, copy=True)
+
+        for name, mod in self.module.named_modules():
+            if any(name.startswith(p) for p in lora_prefixes):
+                continue
+            if isinstance(mod, LoraLayer):
+                lora_prefixes.append(name + ".")
+                with self._gathered(mod.parameters()), torch.no_grad():
+                    if self.rank == 0:
+                        w = mod.base_layer.weight
+                        for adapter in mod.active_adapters:
+                            w = w + mod.get_delta_weight(adapter).to(w.dtype)
+                        keep(f"{name}.weight", w)
+                continue
+            own = list(mod.named_parameters(recurse=False))
+            if own:
+                with self._gathered(p for _, p in own):
+                    for pname, p in own:
+                        keep(f"{name}.{pname}" if name else pname, p)
+        return out if self.rank == 0 else None
+
+    def save(self, path: str | Path) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, lr schedule, all ZeRO shards) plus, from rank 0,
+        a plain LLaDA export (LoRA merged) with the tokenizer in path/hf for inference."""
+        path = Path(path)
+        self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG)
+        weights = self.state_dict_for_rollout()
+        if self.rank == 0:
+            self.module.save_pretrained(path / "hf", state_dict=weights)
+            load_tokenizer(self.model_path).save_pretrained(path / "hf")
+        dist.barrier()
+
+    def load(self, path: str | Path) -> None:
+        """Restore what save() wrote; training then continues exactly where it stopped."""
+        if not (Path(path) / CHECKPOINT_TAG).is_dir():
+            raise FileNotFoundError(f"no learner checkpoint in {str(path)!r} (expected {CHECKPOINT_TAG}/)")
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {str(path)!r}")
+
+    def close(self) -> None:
+        """Destroy the process group if this learner created it."""
+        if self._owns_group and dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while a peer is still inside a collective
+            # DeepSpeed's own call, so it also drops its cached clone of the world group and a later
+            # Learner in this process can start a fresh one.
+            deepspeed.comm.destroy_process_group()
+        self._owns_group = False

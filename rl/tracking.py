@@ -1,0 +1,234 @@
+"""Metrics output for a training run: metrics.jsonl, console line + progress bar, wandb, Ray gauges, curves.png.
+
+    tracker = Tracker(run_dir, ["console", "wandb"], "dllm-rl", "unigrpo", config, total_steps=40)
+    tracker.truncate_after(resumed_step)      # on resume, before the first log
+    tracker.log(step, metrics)                # once per step, with all of that step's metrics;
+                                              # redraws curves.png when they include val accuracy
+    tracker.close()                           # or use the Tracker as a context manager
+
+metrics.jsonl is always written (one {"step": N, ...} object per line) and is what plot() reads.
+wandb runs offline unless WANDB_MODE (which wins) or `wandb_mode` says otherwise; its run id is kept
+in <run_dir>/wandb_run_id.txt so a resumed run continues the same curve.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import sys
+import warnings
+from pathlib import Path
+
+from tqdm import tqdm
+
+LOGGERS = ("console", "wandb")
+METRICS_FILE = "metrics.jsonl"
+RUN_ID_FILE = "wandb_run_id.txt"
+CURVES_FILE = "curves.png"
+# Metric -> Ray gauge. Ray metric names must match [a-zA-Z_:][a-zA-Z0-9_:]*.
+RAY_GAUGES = {
+    "reward/mean": ("dllm_rl_reward_mean", "Mean rollout reward of the last training step"),
+    "perf/rollout_tokens_per_s": ("dllm_rl_rollout_tokens_per_s", "Generated tokens per second in rollouts"),
+    "timing_s/step": ("dllm_rl_step_seconds", "Wall-clock seconds of the last training step"),
+}
+# (metric, label, format) of the console line, in order; absent metrics are left out.
+CONSOLE_FIELDS = (
+    ("reward/mean", "reward", ".4f"),
+    ("val/accuracy", "val_acc", ".4f"),
+    ("actor/pg_loss", "pg_loss", ".4g"),
+    ("actor/kl_loss", "kl", ".4g"),
+    ("timing_s/step", "s/step", ".2f"),
+    ("perf/throughput", "tok/s", ".0f"),
+)
+
+
+def _number(key: str, value) -> float | int:
+    value = value.item() if hasattr(value, "item") else value  # torch / numpy scalars
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _is_val_accuracy(key: str) -> bool:
+    return key == "val/accuracy" or (key.startswith("val/") and key.endswith("/accuracy"))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl; a torn line (a crash mid-write) is skipped with a warning."""
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    warnings.warn(f"{path}:{lineno}: skipping unparsable line {line[:80]!r}")
+    return records
+
+
+class Tracker:
+    """One run's metrics sinks; `loggers` picks among LOGGERS (metrics.jsonl is always written)."""
+
+    def __init__(self, run_dir: str | os.PathLike, loggers=("console",), project: str = "dllm-rl",
+                 experiment_name: str | None = None, config: dict | None = None, total_steps: int | None = None,
+                 wandb_mode: str = "offline", resume_id: str | None = None):
+        unknown = sorted(set(loggers) - set(LOGGERS))
+        if unknown:
+            raise ValueError(f"trainer.logger: unknown logger(s) {unknown}; choose from {list(LOGGERS)}")
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.experiment_name = experiment_name or self.run_dir.name
+        self.total_steps = total_steps
+        self.console = "console" in loggers
+        self._file = None
+        self._gauges = None
+        self.bar = None
+        if self.console:
+            # disable=None hides the bar when stderr is not a terminal, so log files get clean lines.
+            self.bar = tqdm(total=total_steps, desc=self.experiment_name, unit="step",
+                            dynamic_ncols=True, disable=None)
+        self.wandb_run = None
+        self.wandb_id = None
+        if "wandb" in loggers:
+            self._init_wandb(project, config, wandb_mode, resume_id)
+
+    def _init_wandb(self, project, config, wandb_mode, resume_id):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("trainer.logger includes 'wandb' but wandb is not installed (pip install wandb)") from e
+        id_file = self.run_dir / RUN_ID_FILE
+        run_id = resume_id or (id_file.read_text().strip() if id_file.is_file() else "") or secrets.token_hex(4)
+        # Written before init: a crash during the run still leaves the id to resume with.
+        _write_atomic(id_file, run_id.encode())
+        self.wandb_id = run_id
+        self.wandb_run = wandb.init(project=project, name=self.experiment_name, config=config,
+                                    mode=os.environ.get("WANDB_MODE") or wandb_mode, id=run_id,
+                                    resume="allow", dir=str(self.run_dir))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume from checkpoint `step`: move later records out of metrics.jsonl so re-run steps are not
+        duplicated. They are appended to metrics.jsonl.dropped rather than deleted."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.bar is not None:
+            # Counting from the resumed step keeps the bar's rate and ETA about this session's steps.
+            self.bar.initial = self.bar.n = step
+            self.bar.refresh()
+        if not self.metrics_path.exists():
+            return
+        kept, dropped = [], []
+        for line in self.metrics_path.read_text().splitlines(keepends=True):
+            try:
+                keep = json.loads(line)["step"] <= step
+            except (json.JSONDecodeError, KeyError, TypeError):
+                keep = False  # a torn line: only a crash mid-write makes one
+            (kept if keep else dropped).append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            with open(self.metrics_path.with_name(METRICS_FILE + ".dropped"), "a") as f:
+                f.writelines(dropped)
+                f.flush()
+                os.fsync(f.fileno())
+            _write_atomic(self.metrics_path, "".join(kept).encode())
+
+    def log(self, step: int, metrics: dict) -> None:
+        if "step" in metrics:
+            raise ValueError("metrics: 'step' is reserved; pass it as the step argument")
+        record = {"step": step, **{k: _number(k, v) for k, v in metrics.items()}}
+        if self._file is None:
+            # A crash mid-line leaves no trailing newline; start on a fresh line rather than join the torn one.
+            self._file = open(self.metrics_path, "a+b")
+            if self._file.tell() > 0:
+                self._file.seek(-1, os.SEEK_END)
+                if self._file.read(1) != b"\n":
+                    self._file.write(b"\n")
+        self._file.write(json.dumps(record).encode() + b"\n")
+        self._file.flush()
+        if self.console:
+            tqdm.write(self.format_line(step, record), file=sys.stdout)
+            if self.bar is not None:
+                self.bar.update(step - self.bar.n)
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        self._export_ray(record)
+        if any(_is_val_accuracy(k) for k in record):
+            self.plot()
+
+    def format_line(self, step: int, record: dict) -> str:
+        width = len(str(self.total_steps)) if self.total_steps else 1
+        head = f"step {step:>{width}}" + (f"/{self.total_steps}" if self.total_steps else "")
+        parts = [f"{label} {record[key]:{fmt}}" for key, label, fmt in CONSOLE_FIELDS if key in record]
+        return " | ".join([head, *parts])
+
+    def _export_ray(self, record: dict) -> None:
+        # Ray can only be initialised if something already imported it; importing it here would cost seconds.
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized():
+            return
+        if self._gauges is None:
+            from ray.util.metrics import Gauge
+            self._gauges = {key: Gauge(name, description, tag_keys=("experiment",))
+                            for key, (name, description) in RAY_GAUGES.items()}
+        for key, gauge in self._gauges.items():
+            if key in record and math.isfinite(record[key]):
+                gauge.set(record[key], tags={"experiment": self.experiment_name})
+
+    def plot(self) -> Path:
+        """Write curves.png: reward/mean and validation accuracies against step, read from metrics.jsonl."""
+        # The object-oriented API with the Agg canvas draws without pyplot, so it never switches the
+        # process-wide backend or needs a display.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        records = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+        val_keys = sorted({k for r in records for k in r if _is_val_accuracy(k)})
+        fig = Figure(figsize=(11, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        for ax, keys, title in zip(fig.subplots(1, 2), (["reward/mean"], val_keys), ("reward", "validation accuracy")):
+            for key in keys:
+                points = [(r["step"], r[key]) for r in records if key in r]
+                if points:
+                    ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, ms=3, label=key)
+            ax.set(title=title, xlabel="step")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+        fig.suptitle(self.experiment_name)
+        # Fixed margins: tight_layout would render the figure twice, and plot() runs at every validation.
+        fig.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.85, wspace=0.18)
+        out = self.run_dir / CURVES_FILE
+        tmp = out.with_name(out.name + ".tmp")
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+        return out
+
+    def close(self, exit_code: int = 0) -> None:
+        """Finish wandb, close the bar and metrics file, and draw the final curves. Safe to call twice."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
+        self.plot()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(exit_code=1 if exc_type else 0)

@@ -1,0 +1,176 @@
+import ast
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import rl.checkpoint
+from rl.checkpoint import COMPLETE, RNG_FILE, STATE_FILE, TRACKER, CheckpointManager, resolve_resume
+
+
+def write_actor(path):
+    (path / "actor").mkdir()
+    (path / "actor" / "model.bin").write_bytes(b"weights")
+
+
+def names(mgr):
+    return sorted(p.name for p in mgr.dir.iterdir())
+
+
+def test_layout_tracker_and_retention(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20, 30):
+        out = mgr.save(step, write_actor, {"data_cursor": {"epoch": 0, "index": step * 8}, "history": [step]})
+        assert out == tmp_path / "checkpoints" / f"global_step_{step}"
+    assert names(mgr) == ["global_step_20", "global_step_30", TRACKER]
+    assert (mgr.dir / TRACKER).read_text() == "30"
+    assert mgr.latest() == mgr.step_dir(30)
+    d = mgr.step_dir(30)
+    assert {p.name for p in d.iterdir()} == {"actor", STATE_FILE, RNG_FILE, COMPLETE}
+    assert (d / "actor" / "model.bin").read_bytes() == b"weights"
+    state = json.loads((d / STATE_FILE).read_text())
+    assert state["step"] == 30 and state["data_cursor"] == {"epoch": 0, "index": 240} and state["history"] == [30]
+    assert isinstance(state["wall_time"], float)
+
+
+def test_keep_all_and_resave_of_existing_step(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    for step in (1, 2, 3):
+        mgr.save(step, None, {"v": step})
+    # Resumed from step 1 and saving step 2 again: the new copy replaces the old one; 3 is left alone.
+    mgr.save(2, None, {"v": "again"})
+    assert names(mgr) == ["global_step_1", "global_step_2", "global_step_3", TRACKER]
+    assert json.loads((mgr.step_dir(2) / STATE_FILE).read_text())["v"] == "again"
+    assert mgr.latest() == mgr.step_dir(2)
+
+
+def test_retention_never_deletes_newer_timeline_or_tracked(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    for step in (5, 9):
+        mgr.save(step, None, {})
+    assert names(mgr) == ["global_step_9", TRACKER]
+    mgr.save(6, None, {})  # resumed from an earlier checkpoint: step 9 is not "older", keep it
+    assert names(mgr) == ["global_step_6", "global_step_9", TRACKER]
+    assert (mgr.dir / TRACKER).read_text() == "6"
+
+
+@pytest.mark.parametrize("crash_at", ["save_fn", "rename", "tracker"])
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, crash_at):
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    mgr.save(1, write_actor, {"data_cursor": 8})
+
+    def save_fn(path):
+        write_actor(path)
+        if crash_at == "save_fn":
+            raise RuntimeError("crash")
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if (crash_at, Path(src).name) in {("rename", "global_step_2.tmp"), ("tracker", TRACKER + ".tmp")}:
+            raise RuntimeError("crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(rl.checkpoint.os, "replace", replace)
+    with pytest.raises(RuntimeError, match="crash"):
+        mgr.save(2, save_fn, {"data_cursor": 16})
+    monkeypatch.setattr(rl.checkpoint.os, "replace", real_replace)
+    assert (mgr.dir / TRACKER).read_text() == "1"
+    assert mgr.step_dir(2).exists() == (crash_at == "tracker")  # renamed only once complete
+    assert mgr.latest() == mgr.step_dir(1)
+    assert resolve_resume("auto", tmp_path) == mgr.step_dir(1)
+    assert any(p.name.endswith(".tmp") for p in mgr.dir.iterdir())
+    mgr.save(3, write_actor, {"data_cursor": 24})
+    assert not any(p.name.endswith(".tmp") for p in mgr.dir.iterdir())
+    assert mgr.latest() == mgr.step_dir(3)
+    kept = ["global_step_2", "global_step_3"] if crash_at == "tracker" else ["global_step_1", "global_step_3"]
+    assert names(mgr) == [*kept, TRACKER]
+
+
+def test_tracker_lagging_behind_a_complete_dir_is_trusted(tmp_path):
+    # Crash after the rename but before the tracker write: the tracker still names step 1.
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    mgr.save(1, None, {})
+    mgr.save(2, None, {})
+    (mgr.dir / TRACKER).write_text("1")
+    assert mgr.latest() == mgr.step_dir(1)
+
+
+def test_dangling_tracker_falls_back_with_warning(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    for step in (1, 2, 3):
+        mgr.save(step, None, {})
+    (mgr.step_dir(3) / COMPLETE).unlink()
+    with pytest.warns(UserWarning, match="global_step_3.*COMPLETE.*global_step_2"):
+        assert mgr.latest() == mgr.step_dir(2)
+    (mgr.dir / TRACKER).write_text("7")  # names a directory that does not exist at all
+    with pytest.warns(UserWarning, match="global_step_7"):
+        assert mgr.latest() == mgr.step_dir(2)
+    (mgr.dir / TRACKER).unlink()
+    with pytest.warns(UserWarning, match="missing or unreadable"):
+        assert mgr.latest() == mgr.step_dir(2)
+
+
+def test_empty_run_dir(tmp_path):
+    assert CheckpointManager(tmp_path).latest() is None
+    assert resolve_resume("auto", tmp_path) is None
+    assert resolve_resume(None, tmp_path) is None
+    assert resolve_resume("disable", tmp_path) is None
+
+
+def test_rng_round_trip(tmp_path):
+    np = pytest.importorskip("numpy")
+    mgr = CheckpointManager(tmp_path)
+    gen = torch.Generator().manual_seed(123)
+
+    def draw():
+        return (random.random(), np.random.rand(), torch.rand(3).tolist(), torch.rand(2, generator=gen).tolist())
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    draw()
+    path = mgr.save(1, None, {"step": 1}, generators={"plans": gen})
+    first = [draw() for _ in range(3)]
+    state = mgr.load(path, generators={"plans": gen})
+    assert state["step"] == 1
+    assert [draw() for _ in range(3)] == first
+    # A fresh generator (as after a process restart) is restored in place too.
+    fresh = torch.Generator()
+    mgr.load(path, generators={"plans": fresh})
+    assert torch.rand(2, generator=fresh).tolist() == first[0][3]
+    with pytest.raises(KeyError, match=f"{RNG_FILE}.*'rollout'.*plans"):
+        mgr.load(path, generators={"rollout": torch.Generator()})
+
+
+def test_explicit_resume_path_errors_name_the_path(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    good = mgr.save(4, None, {})
+    assert resolve_resume(str(good), tmp_path) == good
+    with pytest.raises(FileNotFoundError, match="global_step_99.*directory itself"):
+        resolve_resume(str(mgr.step_dir(99)), tmp_path)
+    (good / RNG_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=f"global_step_4.*{RNG_FILE}"):
+        resolve_resume(str(good), tmp_path)
+    with pytest.raises(FileNotFoundError, match="global_step_4.*incomplete"):
+        mgr.load(good)
+
+
+def test_bad_inputs_fail_before_writing(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    with pytest.raises(TypeError, match="trainer_state\\['cursor'\\]"):
+        mgr.save(1, None, {"cursor": object()})
+    with pytest.raises(ValueError, match="disagrees"):
+        mgr.save(1, None, {"step": 2})
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=-1)
+    assert not mgr.dir.exists() or not any(mgr.dir.iterdir())
+
+
+def test_module_does_not_import_ray():
+    # Static check: a subprocess import would cost seconds of torch start-up on a shared machine.
+    tree = ast.parse(Path(rl.checkpoint.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "ray" not in imported and "torch" in imported

@@ -1,0 +1,148 @@
+import ast
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+import rl.tracking
+from rl.tracking import CURVES_FILE, METRICS_FILE, RAY_GAUGES, RUN_ID_FILE, Tracker, read_metrics
+
+
+def step_metrics(step):
+    return {"reward/mean": 0.1 * step, "timing_s/step": 2.5, "actor/pg_loss": -0.01 * step,
+            "actor/kl_loss": 0.001, "perf/throughput": 812.4, "perf/rollout_tokens_per_s": 300.0}
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path / "run"
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_metrics_jsonl_and_console_line_once_per_step(tmp_path, capsys):
+    with Tracker(tmp_path, ["console"], experiment_name="exp", total_steps=12) as tr:
+        for step in (1, 2, 3):
+            tr.log(step, step_metrics(step))
+        tr.log(4, {**step_metrics(4), "val/accuracy": 0.75, "val/arith/accuracy": 0.5})
+    recs = lines(tmp_path / METRICS_FILE)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(next(iter(r)) == "step" for r in recs)
+    assert math.isclose(recs[2]["reward/mean"], 0.3) and recs[3]["val/arith/accuracy"] == 0.5
+    out = capsys.readouterr().out.splitlines()
+    step_lines = [line for line in out if line.startswith("step")]
+    assert len(step_lines) == 4
+    assert step_lines[0] == "step  1/12 | reward 0.1000 | pg_loss -0.01 | kl 0.001 | s/step 2.50 | tok/s 812"
+    assert "val_acc 0.7500" in step_lines[3]
+
+
+def test_truncate_after_on_resume(tmp_path):
+    tr = Tracker(tmp_path, ["console"], total_steps=10)
+    for step in range(1, 6):
+        tr.log(step, {"reward/mean": float(step)})
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write('{"step": 6, "rew')  # crash mid-line
+    tr.truncate_after(3)
+    assert tr.bar.n == tr.bar.initial == 3
+    assert [r["step"] for r in lines(tmp_path / METRICS_FILE)] == [1, 2, 3]
+    dropped = (tmp_path / (METRICS_FILE + ".dropped")).read_text().splitlines()
+    assert dropped == ['{"step": 4, "reward/mean": 4.0}', '{"step": 5, "reward/mean": 5.0}', '{"step": 6, "rew']
+    tr.log(4, {"reward/mean": 40.0})
+    tr.close()
+    resumed = Tracker(tmp_path, [])
+    resumed.log(5, {"reward/mean": 50.0})
+    resumed.close()
+    assert [(r["step"], r["reward/mean"]) for r in lines(tmp_path / METRICS_FILE)][2:] == [(3, 3.0), (4, 40.0), (5, 50.0)]
+
+
+def test_torn_last_line_is_not_joined_to_the_next_record(tmp_path):
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "reward/mean": 1.0}\n{"step": 2, "rew')
+    tr = Tracker(tmp_path, [])
+    tr.log(2, {"reward/mean": 2.0})
+    with pytest.warns(UserWarning, match="unparsable"):  # plot() at close reads the file too
+        tr.close()
+    with pytest.warns(UserWarning, match=f"{METRICS_FILE}:2"):
+        assert [r["step"] for r in read_metrics(tmp_path / METRICS_FILE)] == [1, 2]
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="tensorboard"):
+        Tracker(tmp_path, ["console", "tensorboard"])
+    tr = Tracker(tmp_path, [])
+    with pytest.raises(TypeError, match="'reward/mean'.*str"):
+        tr.log(1, {"reward/mean": "high"})
+    with pytest.raises(ValueError, match="'step' is reserved"):
+        tr.log(1, {"step": 1})
+    tr.close()
+
+
+def test_plot_writes_png_at_validation_steps_and_close(tmp_path):
+    tr = Tracker(tmp_path, [], experiment_name="exp")
+    out = tmp_path / CURVES_FILE
+    for step in range(1, 6):
+        extra = {"val/accuracy": 0.2 * step, "val/arith/accuracy": 0.1 * step} if step % 2 == 0 else {}
+        tr.log(step, {**step_metrics(step), **extra})
+        assert out.exists() == (step >= 2)  # drawn on the first step with validation metrics
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    out.unlink()
+    assert tr.plot() == out
+    out.unlink()
+    tr.close()
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_offline_run_and_resume_reuse_the_id(wandb_env):
+    run_dir = wandb_env
+    tr = Tracker(run_dir, ["wandb"], project="dllm-rl-test", experiment_name="exp", config={"lr": 1e-4},
+                 wandb_mode="online")  # WANDB_MODE=offline in the environment wins
+    run_id = (run_dir / RUN_ID_FILE).read_text()
+    assert run_id == tr.wandb_id and tr.wandb_run.id == run_id
+    assert tr.wandb_run.settings.mode == "offline"
+    tr.log(1, {"reward/mean": 0.5})
+    tr.close()
+    runs = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+    resumed = Tracker(run_dir, ["wandb"], project="dllm-rl-test", experiment_name="exp")
+    assert resumed.wandb_run.id == run_id
+    resumed.log(2, {"reward/mean": 0.6})
+    resumed.close()
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert (run_dir / RUN_ID_FILE).read_text() == run_id
+
+
+def test_ray_gauges_created_when_ray_is_initialised(tmp_path):
+    ray = pytest.importorskip("ray")
+    tr = Tracker(tmp_path, [], experiment_name="exp")
+    tr.log(1, step_metrics(1))
+    assert tr._gauges is None  # Ray not initialised: nothing exported
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        tr.log(2, {**step_metrics(2), "timing_s/step": float("nan")})
+        assert {k: g.info["name"] for k, g in tr._gauges.items()} == {k: n for k, (n, _) in RAY_GAUGES.items()}
+        tr.log(3, {"reward/mean": 0.3})  # a step lacking some metrics only sets the ones present
+    finally:
+        ray.shutdown()
+    tr.close()
+
+
+def test_module_works_without_ray(tmp_path, monkeypatch, capsys):
+    tree = ast.parse(Path(rl.tracking.__file__).read_text())
+    top_level = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    top_level |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+    assert "ray" not in top_level and "wandb" not in top_level
+    monkeypatch.setitem(sys.modules, "ray", None)  # any `import ray` now raises ImportError
+    tr = Tracker(tmp_path, ["console"], total_steps=1)
+    tr.log(1, {"reward/mean": 1.0})
+    tr.close()
+    assert capsys.readouterr().out.startswith("step 1/1 | reward 1.0000")

@@ -1,0 +1,128 @@
+"""End-to-end: the driver with real Ray actors, learner, rewards and the shipped tiny checkpoint."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from rl.driver import Driver
+from rl.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "trainer.total_steps=2", "trainer.prompts_per_step=2", "algorithm.group_size=2", "algorithm.mu=2",
+    "task.train={arithmetic: 16}", "task.val={arithmetic: 4}", "trainer.val_every=1", "trainer.save_every=1",
+    "ray.num_cpus=6",
+]
+TIMING = ("timing_s/", "perf/")
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*SMALL, *overrides])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run(tmp_path, *overrides, name="run"):
+    driver = Driver(compose_cfg(*overrides), tmp_path / name)
+    try:
+        driver.fit()
+    finally:
+        driver.close()
+    return read_metrics(tmp_path / name / "metrics.jsonl")
+
+
+def test_two_steps_write_metrics_checkpoints_and_curve(local_ray, tmp_path):
+    metrics = run(tmp_path)
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    step = metrics[1]
+    for key in ("timing_s/gen", "timing_s/reward", "timing_s/update_actor", "timing_s/update_weights", "timing_s/step",
+                "perf/throughput", "response_length/mean", "reward/mean", "reward/math/mean", "reward/format/mean",
+                "actor/pg_loss", "actor/pg_clipfrac", "actor/kl_loss", "actor/grad_norm",
+                "val/accuracy", "val/arithmetic/accuracy"):
+        assert key in step, key
+    assert "val/accuracy" in metrics[0]
+    run_dir = tmp_path / "run"
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert sorted(p.name for p in ckpts.glob("global_step_*")) == ["global_step_1", "global_step_2"]
+
+
+def final_weights(run_dir):
+    return load_file(str(next((run_dir / "checkpoints" / "global_step_4" / "actor" / "hf").glob("*.safetensors"))))
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(local_ray, tmp_path):
+    """4 steps straight == 2 steps, stop, resume from that checkpoint, 2 more steps."""
+    straight = run(tmp_path, "trainer.total_steps=4", "trainer.save_every=2", name="a")
+    first = run(tmp_path, "trainer.total_steps=2", "trainer.save_every=2", name="b")
+    resumed = run(tmp_path, "trainer.total_steps=4", "trainer.save_every=2", "trainer.resume=auto", name="b")
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def stable(ms):
+        return [{k: v for k, v in m.items() if not k.startswith(TIMING)} for m in ms]
+
+    assert [m["step"] for m in first] == [0, 1, 2] and [m["step"] for m in resumed] == [0, 1, 2, 3, 4]
+    assert stable(straight) == stable(resumed)
+
+
+def test_dead_actors_are_named_restarted_and_the_step_retried_or_failed_cleanly(local_ray, tmp_path, caplog):
+    driver = Driver(compose_cfg("trainer.total_steps=3", "trainer.val_before_train=false", "trainer.val_every=0"),
+                    tmp_path / "run")
+    try:
+        with caplog.at_level(logging.WARNING, logger="dllm_rl"):
+            ray.kill(driver.rollout[0], no_restart=True)
+            driver.cfg.trainer.total_steps = 1
+            driver.fit()
+            assert "rollout-0 died" in caplog.text and "restarted rollout-0" in caplog.text
+            ray.kill(driver.reward[0], no_restart=True)
+            driver.cfg.trainer.total_steps = 2
+            driver.fit()
+            assert "reward-0 died" in caplog.text and "restarted reward-0" in caplog.text
+        ray.kill(driver.reward[0], no_restart=True)
+        driver.cfg.trainer.on_actor_failure = "fail"
+        driver.cfg.trainer.total_steps = 3
+        with pytest.raises(RuntimeError, match="actor reward-0 died"):
+            driver.fit()
+    finally:
+        driver.close()
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert not (ckpts / "global_step_3").exists()
+
+
+def test_placement_timeout_names_missing_resources(local_ray, tmp_path):
+    with pytest.raises(RuntimeError, match=r"could not place 9 rollout .* need \{'CPU': 11"):
+        Driver(compose_cfg("rollout.num_workers=9", "trainer.prompts_per_step=9", "ray.placement_timeout_s=2"),
+               tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_cli_writes_metrics_to_hydra_run_dir(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "rl.train", f"hydra.run.dir={tmp_path}", *SMALL,
+                          "trainer.total_steps=1", "trainer.save_every=0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1] and "reward/mean" in lines[1]
+    bad = subprocess.run([sys.executable, "-m", "rl.train", f"hydra.run.dir={tmp_path / 'bad'}",
+                          "algorithm.group_size=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "algorithm.group_size=1: expected an integer >= 2" in bad.stderr + bad.stdout
