@@ -50,13 +50,15 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--tokens-per-batch", type=int, default=3072)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-rows", type=int, default=60000, help="rows per task")
+    ap.add_argument("--val-rows", type=int, default=128)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
-    train = make_rows("arithmetic", 60000, args.seed, "train") + make_rows("countdown", 60000, args.seed, "train")
-    val = make_rows("arithmetic", 128, args.seed, "val")
+    train = [r for task in ("arithmetic", "countdown") for r in make_rows(task, args.train_rows, args.seed, "train")]
+    val = make_rows("arithmetic", args.val_rows, args.seed, "val")
     chat = [f"{BOS}{START_HEADER}user{END_HEADER}\n\n{r['prompt']}{EOT}{START_HEADER}assistant{END_HEADER}\n\n"
             for r in train[::20]]
     tok = train_tokenizer(chat + [r["solution"] for r in train], vocab_size=512)

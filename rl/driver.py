@@ -79,17 +79,17 @@ class Driver:
             self.tracker.log(0, self._with_retries(self.validate))
         while self.step < tr.total_steps:
             self.step += 1
-            metrics = self._with_retries(self.train_step)
+            rows = self.cursor.next(tr.prompts_per_step)  # outside the retry: a retried step keeps its prompts
+            metrics = self._with_retries(lambda: self.train_step(rows))
             if tr.val_every and (self.step % tr.val_every == 0 or self.step == tr.total_steps):
                 metrics.update(self._with_retries(self.validate))
             self.tracker.log(self.step, metrics)
             if tr.save_every and (self.step % tr.save_every == 0 or self.step == tr.total_steps):
                 self.save()
 
-    def train_step(self) -> dict:
+    def train_step(self, rows: list[dict]) -> dict:
         t0 = time.perf_counter()
         timing = {}
-        rows = self.cursor.next(self.cfg.trainer.prompts_per_step)
         with _timer(timing, "gen"):
             batch, gen_seconds = self.generate(rows, self.G, seed=self._seed("rollout"))
         with _timer(timing, "reward"):
@@ -183,7 +183,8 @@ class Driver:
         if ray.is_initialized():
             return
         if rc.address is not None:
-            ray.init(address=rc.address, log_to_driver=True)
+            extra = {"_node_ip_address": rc.node_ip_address} if rc.node_ip_address else {}
+            ray.init(address=rc.address, log_to_driver=True, **extra)
         else:
             ray.init(_node_ip_address="127.0.0.1", num_cpus=rc.num_cpus, include_dashboard=rc.dashboard,
                      dashboard_host="127.0.0.1", log_to_driver=True)
