@@ -10,12 +10,12 @@ from rewards.combine import RewardSpec
 from rewards.registry import available_rewards
 from rl.estimators import build_estimator
 from rl.models import TINY_CHECKPOINT, check_checkpoint_dir
+from rl.tracking import LOGGERS
 from rollout.sampler import SamplerConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "task", "rollout", "reward", "algorithm", "trainer", "ray", "logger")
 TOP_LEVEL = set(GROUPS) | {"seed"}
-LOGGERS = ("console", "wandb")
 
 
 class ConfigError(ValueError):

@@ -253,7 +253,7 @@ class Driver:
 
     # ---- faults ------------------------------------------------------------------------------
     def _get(self, futures, names):
-        """ray.get that names the actor that died (ActorFailure carries the index)."""
+        """ray.get that names the actor that died (ActorFailure carries its name)."""
         try:
             return ray.get(futures)
         except ACTOR_ERRORS as e:

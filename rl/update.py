@@ -1,32 +1,15 @@
 """One policy update on a rollout batch: mu inner steps of an estimator's loss (plain torch).
 
-The learner actor wraps this with DeepSpeed; the loop itself is the same in both.
+The learner passes its DeepSpeed backward/step as `step`; the loop itself knows nothing of DeepSpeed.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
 from rl.batch import RolloutBatch
 from rl.estimators import Estimator
-
-
-def torch_step(model, optimizer, max_grad_norm: float) -> Callable[[torch.Tensor], dict]:
-    """backward + clip + step; a non-finite grad norm skips the step (and is reported)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step(loss: torch.Tensor) -> dict:
-        loss.backward()
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-        skipped = not math.isfinite(norm)
-        if not skipped:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": norm, "skipped_steps": float(skipped)}
-
-    return step
 
 
 def policy_update(policy, ref, estimator: Estimator, batch: RolloutBatch, mu: int, mask_id: int,
