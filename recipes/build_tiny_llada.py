@@ -7,6 +7,16 @@ with end-of-text to a length drawn per batch from 32..512, so the model learns t
 length with a short answer and end-of-text padding, as LLaDA does. Training stops at the first
 evaluation whose held-out arithmetic pass@1 (temperature sampling) reaches --target: an SFT model
 that is right some of the time leaves room for RL.
+
+The shipped checkpoint is two runs of this script (docs/TINY_MODEL.md):
+
+    python -m recipes.build_tiny_llada --out /tmp/tiny-stage1
+    python -m recipes.build_tiny_llada --init /tmp/tiny-stage1 --careless 0.5 --max-steps 2000 \
+        --target 1.1 --lr 1e-3 --warmup 50
+
+The second continues from the first with a careless teacher: half of the arithmetic solutions keep
+their (correct) working but give a wrong final answer, so the model learns the arithmetic but often
+fails to answer what it worked out, a behaviour a correctness reward can remove within minutes.
 """
 from __future__ import annotations
 
@@ -22,7 +32,7 @@ import torch
 from rl.data.encode import encode_answers, encode_prompts
 from rl.data.tasks import make_rows
 from rl.evaluate import pass_at_k
-from rl.models import TINY_CHECKPOINT
+from rl.models import TINY_CHECKPOINT, load_checkpoint
 from rl.models.llada import LLaDAConfig, LLaDAModelLM
 from rl.models.tokenizer import BOS, EOT, END_HEADER, START_HEADER, train_tokenizer
 from rl.sft import sft_loss
@@ -40,6 +50,14 @@ def exact_answer(completions: list[str], rows: list[dict]) -> list[float]:
     return [float(tag(c) == r["answer"]) for c, r in zip(completions, rows)]
 
 
+def careless(row: dict, rng: random.Random) -> dict:
+    """The row with its final answer replaced by a near miss; the working stays correct."""
+    ans = int(row["answer"])
+    wrong = rng.choice([w for w in (ans - 3, ans - 2, ans - 1, ans + 1, ans + 2, ans + 3, ans + 10) if w >= 0])
+    head = row["solution"][: row["solution"].rindex("<answer>")]
+    return {**row, "solution": f"{head}<answer>{wrong}</answer>"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=TINY_CHECKPOINT)
@@ -52,26 +70,40 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-rows", type=int, default=60000, help="rows per task")
     ap.add_argument("--val-rows", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (and its tokenizer)")
+    ap.add_argument("--careless", type=float, default=0.0,
+                    help="fraction of arithmetic solutions given a wrong final answer after correct working")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.careless < 1.0:
+        ap.error(f"--careless: expected a fraction in [0, 1), got {args.careless}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
     train = [r for task in ("arithmetic", "countdown") for r in make_rows(task, args.train_rows, args.seed, "train")]
     val = make_rows("arithmetic", args.val_rows, args.seed, "val")
-    chat = [f"{BOS}{START_HEADER}user{END_HEADER}\n\n{r['prompt']}{EOT}{START_HEADER}assistant{END_HEADER}\n\n"
-            for r in train[::20]]
-    tok = train_tokenizer(chat + [r["solution"] for r in train], vocab_size=512)
-    config = LLaDAConfig(
-        d_model=128, n_heads=4, n_kv_heads=2, n_layers=6, mlp_hidden_size=512, rope_theta=10000.0,
-        vocab_size=len(tok), mask_token_id=tok.mask_token_id, weight_tying=True, max_sequence_length=1024,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    model = LLaDAModelLM(config)
+    if args.careless:
+        noise = random.Random(args.seed + 1)
+        train = [careless(r, noise) if r["task"] == "arithmetic" and noise.random() < args.careless else r
+                 for r in train]
+    if args.init is not None:
+        model, tok = load_checkpoint(args.init)
+        earlier = json.loads((args.init / "build_info.json").read_text())
+        stages = earlier.get("stages", [earlier])
+    else:
+        chat = [f"{BOS}{START_HEADER}user{END_HEADER}\n\n{r['prompt']}{EOT}{START_HEADER}assistant{END_HEADER}\n\n"
+                for r in train[::20]]
+        tok = train_tokenizer(chat + [r["solution"] for r in train], vocab_size=512)
+        config = LLaDAConfig(
+            d_model=128, n_heads=4, n_kv_heads=2, n_layers=6, mlp_hidden_size=512, rope_theta=10000.0,
+            vocab_size=len(tok), mask_token_id=tok.mask_token_id, weight_tying=True, max_sequence_length=1024,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+        model, stages = LLaDAModelLM(config), []
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = 200
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.max_steps) / args.max_steps)))
+        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.max_steps) / args.max_steps)))
     lengths, weights = zip(*ANSWER_LENGTHS.items())
     # +1 for the end-of-turn token; a row only goes into batches whose answer length fits it.
     need = [len(ids) + 1 for ids in tok([r["solution"] for r in train], add_special_tokens=False)["input_ids"]]
@@ -96,21 +128,23 @@ def main(argv=None):
             res = pass_at_k(model, tok, val, 4, EVAL_SAMPLER, exact_answer, batch_size=128, seed=args.seed)
             history.append({"step": step, "loss": round(ema, 4), **res, "elapsed_s": round(time.time() - t0)})
             print("eval", json.dumps(history[-1]), flush=True)
-            save(model, tok, args, step, history)
+            save(model, tok, args, step, history, stages)
             if res["pass@1"] >= args.target:
                 break
-    save(model, tok, args, step, history)
+    save(model, tok, args, step, history, stages)
     print(f"wrote {args.out} after {step} steps")
 
 
-def save(model, tok, args, step, history):
+def save(model, tok, args, step, history, stages):
     # Saved at every evaluation too, so an interrupted build still leaves its latest checkpoint.
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
-    info = {"recipe": "python -m recipes.build_tiny_llada", "seed": args.seed, "steps": step,
-            "params": sum(p.numel() for p in model.parameters()), "eval_sampler": vars(EVAL_SAMPLER),
+    this = {"recipe": "python -m recipes.build_tiny_llada", "init": str(args.init) if args.init else None,
+            "careless": args.careless, "lr": args.lr, "seed": args.seed, "steps": step,
             "selection_history": history}
+    info = {**this, "params": sum(p.numel() for p in model.parameters()), "eval_sampler": vars(EVAL_SAMPLER),
+            "stages": [*stages, this]}
     (args.out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -209,6 +209,10 @@ class Learner:
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(local))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:
+            # DeepSpeed's CPU shared-memory all-reduce is a C++ op compiled on first use (80 s on two
+            # cores, again for every new venv path) and needs a compiler; gloo does the same reduction.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if dist.is_initialized():
             return False
         dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",

@@ -1,5 +1,6 @@
 """The shipped tiny checkpoint, the recipe that builds it and the pass@k evaluation that measured it."""
 import json
+import random
 
 import torch
 
@@ -37,9 +38,24 @@ def test_pass_at_k_counts_per_prompt_successes():
     assert 0.0 <= real["pass@1"] <= real["pass@2"] <= 1.0
 
 
-def test_recipe_builds_a_loadable_checkpoint(tmp_path):
-    build_tiny_llada.main(["--out", str(tmp_path), "--max-steps", "2", "--eval-every", "2", "--threads", "1",
-                            "--train-rows", "3000", "--val-rows", "4"])
-    model, tok = load_checkpoint(tmp_path)
-    assert json.loads((tmp_path / "build_info.json").read_text())["steps"] == 2
+def test_recipe_builds_a_loadable_checkpoint_in_two_stages(tmp_path):
+    small = ["--max-steps", "2", "--eval-every", "2", "--threads", "1", "--train-rows", "3000", "--val-rows", "4"]
+    build_tiny_llada.main(["--out", str(tmp_path / "one"), *small])
+    model, tok = load_checkpoint(tmp_path / "one")
+    assert json.loads((tmp_path / "one" / "build_info.json").read_text())["steps"] == 2
     assert model.config.n_layers == 6 and tok.mask_token_id == model.config.mask_token_id
+    build_tiny_llada.main(["--out", str(tmp_path / "two"), "--init", str(tmp_path / "one"), "--careless", "0.5",
+                           "--warmup", "1", *small])
+    info = json.loads((tmp_path / "two" / "build_info.json").read_text())
+    assert [s["careless"] for s in info["stages"]] == [0.0, 0.5] and info["init"] == str(tmp_path / "one")
+    assert load_checkpoint(tmp_path / "two")[1].get_vocab() == tok.get_vocab()  # the first stage's tokenizer
+
+
+def test_careless_teacher_keeps_the_working_and_misses_the_answer():
+    rng = random.Random(0)
+    for row in make_rows("arithmetic", 50, 0, "train"):
+        bad = build_tiny_llada.careless(row, rng)
+        head, _, tail = bad["solution"].rpartition("<answer>")
+        assert row["solution"].startswith(head + "<answer>") and tail.endswith("</answer>")
+        wrong = tail[: -len("</answer>")]
+        assert wrong != row["answer"] and int(wrong) >= 0 and bad["answer"] == row["answer"]
