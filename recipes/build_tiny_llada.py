@@ -64,7 +64,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=8000)
     ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--target", type=float, default=0.23, help="stop once held-out arithmetic pass@1 reaches this")
+    ap.add_argument("--target", type=float, default=0.23,
+                    help="stop once held-out arithmetic pass@1 reaches this (above 1: run all --max-steps)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--tokens-per-batch", type=int, default=3072)
     ap.add_argument("--threads", type=int, default=2)
@@ -89,7 +90,8 @@ def main(argv=None):
                  for r in train]
     if args.init is not None:
         model, tok = load_checkpoint(args.init)
-        earlier = json.loads((args.init / "build_info.json").read_text())
+        info = args.init / "build_info.json"  # absent for a checkpoint this script did not build
+        earlier = json.loads(info.read_text()) if info.is_file() else {"init": str(args.init)}
         stages = earlier.get("stages", [earlier])
     else:
         chat = [f"{BOS}{START_HEADER}user{END_HEADER}\n\n{r['prompt']}{EOT}{START_HEADER}assistant{END_HEADER}\n\n"
@@ -102,8 +104,8 @@ def main(argv=None):
         )
         model, stages = LLaDAModelLM(config), []
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.max_steps) / args.max_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup)
+                                              * 0.5 * (1 + math.cos(math.pi * min(s, args.max_steps) / args.max_steps)))
     lengths, weights = zip(*ANSWER_LENGTHS.items())
     # +1 for the end-of-turn token; a row only goes into batches whose answer length fits it.
     need = [len(ids) + 1 for ids in tok([r["solution"] for r in train], add_special_tokens=False)["input_ids"]]
