@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from rl.batch import RolloutBatch
+from rollout.sampler import uniform
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
@@ -47,10 +48,8 @@ def _check_mu(mu) -> int:
 
 
 def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    # Draw on the generator's own device (CPU generators are the norm) so plans are reproducible
-    # whatever device the batch lives on.
-    src = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=src).to(device)
+    # Plans are reproducible whatever device the batch lives on (see rollout.sampler.uniform).
+    return uniform(shape, generator, device, torch.float32)
 
 
 @dataclass

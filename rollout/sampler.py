@@ -70,21 +70,21 @@ def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Gen
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.double()
-    u = _uniform(logits.shape, generator, logits.device)
+    u = uniform(logits.shape, generator, logits.device)
     return (logits - temperature * torch.log(-torch.log(u))).argmax(-1)
 
 
-def _uniform(shape, generator, device) -> torch.Tensor:
-    # Drawn on the generator's device (a CPU generator is the norm) so a seed gives the same samples
-    # whether the model runs on the CPU or a GPU.
+def uniform(shape, generator, device, dtype=torch.float64) -> torch.Tensor:
+    """U(0, 1) drawn on the generator's device (a CPU generator is the norm), then moved, so a seed
+    gives the same samples whether the model runs on the CPU or a GPU."""
     src = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=src, dtype=torch.float64).to(device)
+    return torch.rand(shape, generator=generator, device=src, dtype=dtype).to(device)
 
 
 def score_tokens(logits, x0, remasking, generator):
     if remasking == "low_confidence":
         return torch.softmax(logits.double(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
-    return _uniform(x0.shape, generator, x0.device)
+    return uniform(x0.shape, generator, x0.device)
 
 
 def commit_top_k(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
