@@ -11,7 +11,7 @@ from rewards.registry import available_rewards
 from rl.estimators import build_estimator
 from rl.models import TINY_CHECKPOINT, check_checkpoint_dir
 from rl.tracking import LOGGERS
-from rollout.sampler import SamplerConfig
+from rollout.rollout import sampler_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "task", "rollout", "reward", "algorithm", "trainer", "ray", "logger")
@@ -69,11 +69,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config algorithm ({a.name}): {e}") from None
 
     try:
-        SamplerConfig(**{k: r[k] for k in ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale")})
-    except ValueError as e:
+        sampler_config(OmegaConf.to_container(r))
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"config rollout: {e}") from None
-    if r.sampler != "reference":
-        bad("rollout.sampler", r.sampler, "'reference'")
 
     for key in ("total_steps", "prompts_per_step", "num_learners"):
         if not isinstance(tr[key], int) or tr[key] < 1:

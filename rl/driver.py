@@ -133,7 +133,8 @@ class Driver:
             group_size=group_size,
             extras={"rows": [r for p in parts for r in p["rows"]],
                     "completions": [c for p in parts for c in p["completions"]],
-                    "commit_step": torch.cat([p["commit_step"] for p in parts])},
+                    "commit_step": torch.cat([p["commit_step"] for p in parts]),
+                    "tokens_per_step": torch.cat([p["tokens_per_step"] for p in parts])},
         )
         return batch, max(p["seconds"] for p in parts)
 
@@ -235,7 +236,7 @@ class Driver:
 
     def _make_rollout(self, i: int):
         r = self.cfg.rollout
-        sampler = {k: r[k] for k in ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale")}
+        sampler = OmegaConf.to_container(r)  # the worker picks the sampler's keys (rollout.rollout.sampler_config)
         gpu = 1 if self.cfg.trainer.device == "cuda" else 0
         actor = ray.remote(RolloutWorker).options(
             name=f"rollout-{i}", num_cpus=1, num_gpus=gpu, scheduling_strategy=self._bundle(i),
@@ -302,6 +303,7 @@ class Driver:
             "response_length/max": float(lengths.max()),
             "response_length/clip_ratio": float((~finished).float().mean()),
             "perf/rollout_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
+            "rollout/tokens_per_step": float(batch.extras["tokens_per_step"].mean()),
             "perf/throughput": (batch.attention_mask.sum().item()) / max(step_seconds, 1e-9),
             "train/accuracy": float(sum(scores["accuracy"]) / len(scores["accuracy"])),
         }

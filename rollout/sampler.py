@@ -54,6 +54,14 @@ class SampleOutput:
     answer_ids: torch.Tensor  # [B, L]
     commit_step: torch.Tensor  # [B, L] global step at which each answer token was committed
     forward_passes: int  # model calls (a CFG step counts one call on a doubled batch)
+    row_steps: torch.Tensor  # [B] denoising steps each row took part in
+    sampled: torch.Tensor  # [B] answer tokens the model chose (the rest: end-of-text fill after early stop)
+    row_tokens: int  # rows x positions computed, summed over model calls
+
+    @property
+    def tokens_per_step(self) -> torch.Tensor:
+        """[B] mean tokens committed per step, per row."""
+        return self.sampled.float() / self.row_steps.clamp_min(1).float()
 
 
 def transfer_schedule(masked_per_row: torch.Tensor, steps: int) -> torch.Tensor:
@@ -95,12 +103,14 @@ def commit_top_k(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return rank < k[:, None]
 
 
-def guided_logits(model, x, attn, prompt_positions, mask_id, cfg_scale):
+def guided_logits(model, x, attn, prompt_positions, mask_id, cfg_scale, span=None):
+    """Logits at positions span=(lo, hi) (all when None), with classifier-free guidance."""
+    kw = {} if span is None else {"logits_span": span}
     if cfg_scale == 0:
-        return model(input_ids=x, attention_mask=attn).logits
+        return model(input_ids=x, attention_mask=attn, **kw).logits
     # Unconditional branch: the same sequence with every prompt token masked.
     un_x = x.masked_fill(prompt_positions, mask_id)
-    both = model(input_ids=torch.cat([x, un_x]), attention_mask=torch.cat([attn, attn])).logits
+    both = model(input_ids=torch.cat([x, un_x]), attention_mask=torch.cat([attn, attn]), **kw).logits
     cond, uncond = both.chunk(2)
     return uncond + (cfg_scale + 1) * (cond - uncond)
 
@@ -127,7 +137,7 @@ def generate(
         lo, hi = P + b * bl, P + (b + 1) * bl
         sched = transfer_schedule((x[:, lo:hi] == mask_id).sum(-1), steps_per_block)
         for i in range(steps_per_block):
-            logits = guided_logits(model, x, attn, prompt_positions, mask_id, cfg.cfg_scale)[:, lo:hi]
+            logits = guided_logits(model, x, attn, prompt_positions, mask_id, cfg.cfg_scale, (lo, hi))
             passes += 1
             logits[..., mask_id] = float("-inf")  # the mask token is never a prediction
             x0 = sample_tokens(logits, cfg.temperature, generator)
@@ -137,7 +147,10 @@ def generate(
             x[:, lo:hi] = torch.where(chosen, x0, x[:, lo:hi])
             commit[:, lo - P:hi - P][chosen] = step
             step += 1
-    return SampleOutput(answer_ids=x[:, P:], commit_step=commit, forward_passes=passes)
+    mult = 2 if cfg.cfg_scale else 1
+    return SampleOutput(answer_ids=x[:, P:], commit_step=commit, forward_passes=passes,
+                        row_steps=torch.full((B,), step, dtype=torch.long), sampled=torch.full((B,), L, dtype=torch.long),
+                        row_tokens=passes * mult * x.numel())
 
 
 def answer_mask(answer_ids: torch.Tensor, end_ids: list[int]) -> torch.Tensor:

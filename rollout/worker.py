@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import torch
 
 from rl.models import load_checkpoint
-from rollout.rollout import rollout
-from rollout.sampler import SamplerConfig
+from rollout.rollout import rollout, sampler_config
 
 
 class RolloutWorker:
@@ -17,7 +17,7 @@ class RolloutWorker:
         torch.set_num_threads(threads)
         self.model, self.tokenizer = load_checkpoint(model_path)
         self.model.to(device).eval()
-        self.sampler = SamplerConfig(**sampler)
+        self.sampler = sampler_config(sampler)
         self.micro_batch = micro_batch
         self.device = device
 
@@ -32,7 +32,7 @@ class RolloutWorker:
 
     def generate(self, rows: list[dict], group_size: int, seed: int, temperature: float | None = None) -> dict:
         """G answers per row; returns the batch tensors and texts (CPU) plus timing for throughput."""
-        sampler = self.sampler if temperature is None else SamplerConfig(**{**vars(self.sampler), "temperature": temperature})
+        sampler = self.sampler if temperature is None else replace(self.sampler, temperature=temperature)
         gen = torch.Generator().manual_seed(seed)
         t0 = time.perf_counter()
         batch = rollout(self.model, self.tokenizer, rows, group_size, sampler, gen, self.micro_batch)
@@ -40,6 +40,7 @@ class RolloutWorker:
         return {
             "prompt_ids": batch.prompt_ids, "prompt_mask": batch.prompt_mask,
             "answer_ids": batch.answer_ids, "answer_mask": batch.answer_mask,
-            "commit_step": batch.extras["commit_step"], "completions": batch.extras["completions"],
+            "commit_step": batch.extras["commit_step"], "tokens_per_step": batch.extras["tokens_per_step"],
+            "completions": batch.extras["completions"],
             "rows": batch.extras["rows"], "seconds": seconds,
         }

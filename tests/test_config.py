@@ -30,11 +30,21 @@ def test_default_config_is_valid_and_uses_the_tiny_recipe():
     ("algorithm.hyper.kl=k9", "kl: expected one of"),
     ("reward.accuracy=nope", "reward.accuracy='nope'"),
     ("task.train_file=/no/such.jsonl", "task.train_file='/no/such.jsonl'"),
+    ("rollout.threshold=1.5", "sampler.threshold=1.5"),
+    ("rollout.cache=kv", "sampler.cache='kv'"),
+    ("rollout.sampler=turbo", "rollout.sampler='turbo'"),
 ])
 def test_bad_values_get_one_named_message(override, message):
     extra = ["rollout.num_workers=2"] if "prompts_per_step" in override else []
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         validate(cfg(override, *extra))
+
+
+def test_rollout_group_selects_the_sampler():
+    assert cfg().rollout.sampler == "fast"
+    validate(cfg("rollout=reference"))
+    with pytest.raises(ConfigError, match=r"rollout.sampler='reference' takes no \['threshold'\]"):
+        validate(cfg("rollout=reference", "+rollout.threshold=0.9"))
 
 
 def test_unknown_keys_are_rejected():

@@ -122,3 +122,23 @@ def test_mask_id_mismatch_between_config_and_tokenizer(tmp_path, tokenizer):
         load_checkpoint(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "llada"
+
+
+def test_window_against_its_own_cache_equals_the_full_pass():
+    """A cached window (Fast-dLLM's prefix/dual cache) is exact when the cache holds the same tokens:
+    left padding, GQA and RoPE positions line up with the full forward."""
+    torch.manual_seed(0)
+    m = LLaDAModelLM(tiny_config(weight_tying=False)).eval()
+    x = torch.randint(0, 64, (2, 12))
+    attn = torch.ones(2, 12, dtype=torch.long)
+    attn[0, :3] = 0
+    with torch.no_grad():
+        full = m(input_ids=x, attention_mask=attn, return_kv=True)
+        assert len(full.kv) == 2 and full.kv[0][0].shape == (2, 2, 12, 8)  # [B, kv heads, T, head dim]
+        for lo, hi in ((5, 9), (5, 12), (0, 12)):
+            win = m(input_ids=x[:, lo:hi], attention_mask=attn, kv_cache=full.kv, cache_span=(lo, hi))
+            torch.testing.assert_close(win.logits, full.logits[:, lo:hi], atol=1e-5, rtol=1e-5)
+        part = m(input_ids=x, attention_mask=attn, logits_span=(4, 7)).logits  # the head on 3 positions only
+        torch.testing.assert_close(part, full.logits[:, 4:7], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="cache_span"):
+            m(input_ids=x[:, 5:9], attention_mask=attn, kv_cache=full.kv, cache_span=(5, 12))

@@ -16,14 +16,15 @@ class LookupModel(torch.nn.Module):
         super().__init__()
         self.target, self.conf, self.mask_logit, self.calls = target, conf, mask_logit, []
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, logits_span=None):
         self.calls.append((input_ids.clone(), attention_mask.clone()))
         B, T = input_ids.shape
         L = len(self.target)
         logits = torch.zeros(B, T, V)
         logits[:, T - L:].scatter_(-1, self.target.expand(B, L)[..., None], self.conf.expand(B, L)[..., None])
         logits[..., MASK] = self.mask_logit
-        return SimpleNamespace(logits=logits)
+        lo, hi = logits_span or (0, T)
+        return SimpleNamespace(logits=logits[:, lo:hi])
 
 
 def prompt(B=1, P=3):

@@ -52,8 +52,9 @@ def test_two_steps_write_metrics_checkpoints_and_curve(local_ray, tmp_path):
     for key in ("timing_s/gen", "timing_s/reward", "timing_s/update_actor", "timing_s/update_weights", "timing_s/step",
                 "perf/throughput", "response_length/mean", "reward/mean", "reward/math/mean", "reward/format/mean",
                 "actor/pg_loss", "actor/pg_clipfrac", "actor/kl_loss", "actor/grad_norm",
-                "val/accuracy", "val/arithmetic/accuracy"):
+                "val/accuracy", "val/arithmetic/accuracy", "rollout/tokens_per_step"):
         assert key in step, key
+    assert step["rollout/tokens_per_step"] > 1  # the default fast sampler commits several tokens per step
     assert "val/accuracy" in metrics[0]
     run_dir = tmp_path / "run"
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"

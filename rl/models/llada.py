@@ -10,15 +10,28 @@ safetensors load into this class unchanged:
     model.transformer.ln_f.weight
     model.transformer.ff_out.weight          (absent when weight_tying)
 
-Attention is bidirectional: the only mask is the padding mask.
+Attention is bidirectional: the only mask is the padding mask. For cached sampling (Fast-dLLM's
+prefix and dual cache) `forward` can return every layer's keys/values and can run a window of
+positions against keys/values cached for the rest of the sequence.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import MaskedLMOutput
+from transformers.utils import ModelOutput
+
+# Per layer (keys, values), each [B, n_kv_heads, T, head_dim], keys after RoPE.
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class DiffusionLMOutput(ModelOutput):
+    logits: torch.Tensor | None = None
+    kv: KVCache | None = None  # this call's keys/values for its own positions (return_kv=True)
 
 
 class LLaDAConfig(PretrainedConfig):
@@ -122,20 +135,27 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, cache=None, span=None):
+        """`cache` (keys, values) covers the whole sequence; x holds positions span=(lo, hi) of it, whose
+        fresh keys/values replace the cached ones for this call. Returns (x, this call's (k, v))."""
         B, T, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        fresh = (k, v)
+        if cache is not None:
+            (ck, cv), (lo, hi) = cache, span
+            k = torch.cat([ck[:, :, :lo], k, ck[:, :, hi:]], dim=2)
+            v = torch.cat([cv[:, :, :lo], v, cv[:, :, hi:]], dim=2)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
         x = x + self.attn_out(att.transpose(1, 2).reshape(B, T, -1))
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), fresh
 
 
 class LLaDAModel(nn.Module):
@@ -179,24 +199,43 @@ class LLaDAModelLM(PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_span: tuple[int, int] | None = None,
+        return_kv: bool = False,
+        logits_span: tuple[int, int] | None = None,
         **_unused,
-    ) -> MaskedLMOutput:
+    ) -> DiffusionLMOutput:
+        """With `kv_cache` (from an earlier return_kv=True call over the full sequence), input_ids are the
+        tokens at positions cache_span=(lo, hi) only; attention_mask and position_ids, when given, still
+        cover the full sequence. Keys outside the span come from the cache: Fast-dLLM's approximation.
+        `logits_span=(a, b)` computes the head for input positions a..b only: a sampler needs one
+        block's logits, and [B, T, vocab] of them is most of the memory at LLaDA's 126k vocabulary."""
         t = self.model.transformer
         B, T = input_ids.shape
+        full_T = T if kv_cache is None else kv_cache[0][0].shape[2]
+        if kv_cache is not None and (cache_span is None or cache_span[1] - cache_span[0] != T):
+            raise ValueError(f"kv_cache needs cache_span=(lo, hi) with hi - lo = {T} input positions, got {cache_span}")
         x = t.wte(input_ids)
         if position_ids is None:
             if attention_mask is None:
-                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+                position_ids = torch.arange(full_T, device=input_ids.device).expand(B, full_T)
             else:
                 # Left padding shifts positions, so a padded row sees the same RoPE phases as unpadded.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if kv_cache is not None and position_ids.shape[1] == full_T:
+            position_ids = position_ids[:, cache_span[0]:cache_span[1]]
         cos, sin = rope_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.dtype)
         attn_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             attn_mask = attention_mask.bool()[:, None, None, :]  # keys only: attention is bidirectional
-        for block in t.blocks:
-            x = block(x, cos, sin, attn_mask)
+        kv = []
+        for i, block in enumerate(t.blocks):
+            x, fresh = block(x, cos, sin, attn_mask, None if kv_cache is None else kv_cache[i], cache_span)
+            if return_kv:
+                kv.append(fresh)
+        if logits_span is not None:
+            x = x[:, logits_span[0]:logits_span[1]]
         x = t.ln_f(x)
         head = t.wte.weight if self.config.weight_tying else t.ff_out.weight
         logits = F.linear(x, head)
-        return MaskedLMOutput(logits=logits)
+        return DiffusionLMOutput(logits=logits, kv=kv if return_kv else None)
