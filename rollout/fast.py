@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollout.sampler import (SampleOutput, SamplerConfig, commit_top_k, sample_tokens, score_tokens,
+from rollout.sampler import (SampleOutput, SamplerConfig, commit_top_k, guided, sample_tokens, score_tokens,
                              transfer_schedule)
 
 CACHES = ("none", "prefix", "dual")
@@ -87,26 +87,19 @@ class _Model:
         self.passes = 0
         self.row_tokens = 0  # rows x positions computed, summed over passes: the compute spent
 
-    def _run(self, ids, attn, **kw):
-        if self.g:
-            ids, attn = torch.cat([ids, ids]), torch.cat([attn, attn])
-            if "kv_cache" not in kw:  # a window never covers the prompt
-                ids[len(ids) // 2:, :self.P] = ids[len(ids) // 2:, :self.P].masked_fill(
-                    attn[len(ids) // 2:, :self.P].bool(), self.mask_id)
-        out = self.model(input_ids=ids, attention_mask=attn, **kw)
+    def _run(self, ids, attn, prompt_positions, **kw):
+        logits, out = guided(self.model, ids, attn, prompt_positions, self.mask_id, self.g, **kw)
         self.passes += 1
-        self.row_tokens += ids.numel()
-        logits = out.logits
-        if self.g:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + (self.g + 1) * (cond - uncond)
+        self.row_tokens += ids.numel() * (2 if self.g else 1)
         return logits, getattr(out, "kv", None)
 
     def full(self, x, attn, return_kv: bool, span):
-        return self._run(x, attn, logits_span=span, **({"return_kv": True} if return_kv else {}))
+        prompt = (torch.arange(x.shape[1], device=x.device) < self.P) & attn.bool()
+        return self._run(x, attn, prompt, logits_span=span, return_kv=return_kv)
 
     def window(self, x, attn, kv, lo: int, hi: int, span):
-        return self._run(x[:, lo:hi], attn, kv_cache=kv, cache_span=(lo, hi), logits_span=span)[0]
+        # A window lies in the answer, past the prompt: nothing to mask for the unconditional rows.
+        return self._run(x[:, lo:hi], attn, None, kv_cache=kv, cache_span=(lo, hi), logits_span=span)[0]
 
     def take(self, kv, index):
         """Cache rows for batch rows `index` (both halves under guidance)."""

@@ -103,16 +103,23 @@ def commit_top_k(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return rank < k[:, None]
 
 
+def guided(model, x, attn, prompt_positions, mask_id, cfg_scale, **model_kw):
+    """One model call under classifier-free guidance: (guided logits, the call's output). The
+    unconditional rows are the same sequences with their prompt positions masked (none given: a
+    window past the prompt, identical to the conditional rows)."""
+    if cfg_scale == 0:
+        out = model(input_ids=x, attention_mask=attn, **model_kw)
+        return out.logits, out
+    un_x = x if prompt_positions is None else x.masked_fill(prompt_positions, mask_id)
+    out = model(input_ids=torch.cat([x, un_x]), attention_mask=torch.cat([attn, attn]), **model_kw)
+    cond, uncond = out.logits.chunk(2)
+    return uncond + (cfg_scale + 1) * (cond - uncond), out
+
+
 def guided_logits(model, x, attn, prompt_positions, mask_id, cfg_scale, span=None):
     """Logits at positions span=(lo, hi) (all when None), with classifier-free guidance."""
     kw = {} if span is None else {"logits_span": span}
-    if cfg_scale == 0:
-        return model(input_ids=x, attention_mask=attn, **kw).logits
-    # Unconditional branch: the same sequence with every prompt token masked.
-    un_x = x.masked_fill(prompt_positions, mask_id)
-    both = model(input_ids=torch.cat([x, un_x]), attention_mask=torch.cat([attn, attn]), **kw).logits
-    cond, uncond = both.chunk(2)
-    return uncond + (cfg_scale + 1) * (cond - uncond)
+    return guided(model, x, attn, prompt_positions, mask_id, cfg_scale, **kw)[0]
 
 
 @torch.no_grad()
