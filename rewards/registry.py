@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from rewards._common import check_batch
+from rewards.clip import ClipReward
 from rewards.countdown import CountdownReward
 from rewards.format import FormatReward
 from rewards.math_reward import MathReward
@@ -57,6 +58,7 @@ _REGISTRY: dict[str, Callable[..., Callable]] = {
     "math": MathReward,
     "format": FormatReward,
     "countdown": CountdownReward,
+    "clip": ClipReward,
 }
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from rewards.combine import WeightedReward
 
 # Row keys that are not reward columns.
-_NOT_COLUMNS = ("prompt", "solution")
+_NOT_COLUMNS = ("prompt", "solution", "images")
 
 
 def columns_of(rows: Sequence[dict]) -> dict[str, list[Any]]:
@@ -20,18 +20,21 @@ def columns_of(rows: Sequence[dict]) -> dict[str, list[Any]]:
 
 
 def accuracy_of(components: dict[str, list[float]], keys: Sequence[str]) -> list[float]:
-    """1.0/0.0 per sample from the first of `keys` that applies to it (not NaN); a score >= 0.5 is correct."""
+    """1.0/0.0 per sample from the first of `keys` that applies to it (not NaN); a score >= 0.5 is correct.
+    NaN where none applies (e.g. a text-to-image sample has no correct answer)."""
     n = len(next(iter(components.values())))
     out = []
     for i in range(n):
-        score = next((components[k][i] for k in keys if k in components and not math.isnan(components[k][i])), 0.0)
-        out.append(float(score >= 0.5))
+        score = next((components[k][i] for k in keys if k in components and not math.isnan(components[k][i])), None)
+        out.append(math.nan if score is None else float(score >= 0.5))
     return out
 
 
 class RewardWorker:
-    def __init__(self, functions: list[dict], accuracy: Sequence[str]):
+    def __init__(self, functions: list[dict], accuracy: Sequence[str], image_tokenizer: str | None = None):
         self.reward = WeightedReward(functions)
+        self.image_tokenizer_path = image_tokenizer
+        self._image_tokenizer = None
         missing = [k for k in accuracy if k not in self.reward.keys]
         if missing:
             raise ValueError(f"reward.accuracy names {missing}, which are not among reward.functions {self.reward.keys}")
@@ -40,8 +43,27 @@ class RewardWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, prompts: list[str], completions: list[str], rows: list[dict]) -> dict:
-        out = self.reward(prompts, completions, **columns_of(rows))
+    def decode(self, images: Sequence[list[int] | None]) -> list:
+        """Generated image codes -> uint8 [H, W, 3] pixels in memory (None stays None)."""
+        idx = [i for i, codes in enumerate(images) if codes is not None]
+        out = [None] * len(images)
+        if idx:
+            if self._image_tokenizer is None:
+                from rl.models.vq import load_image_tokenizer
+                self._image_tokenizer = load_image_tokenizer(self.image_tokenizer_path)
+            pixels = self._image_tokenizer.decode([images[i] for i in idx])
+            for j, i in enumerate(idx):
+                out[i] = pixels[j].numpy()
+        return out
+
+    def score(self, prompts: list[str], completions: list[str], rows: list[dict],
+              images: Sequence[list[int] | None] | None = None) -> dict:
+        """`images`: per sample, the generated image codes (None for text answers); reward functions
+        see them decoded, as column `images`."""
+        columns = columns_of(rows)
+        if images is not None and any(codes is not None for codes in images):
+            columns["images"] = self.decode(images)
+        out = self.reward(prompts, completions, **columns)
         return {"total": out["total"], "components": out["components"],
                 "accuracy": accuracy_of(out["components"], self.accuracy)}
 

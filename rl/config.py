@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from rewards.combine import RewardSpec
 from rewards.registry import available_rewards
@@ -14,6 +15,9 @@ from rl.tracking import LOGGERS
 from rollout.rollout import sampler_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+ASSETS = Path(__file__).resolve().parents[1] / "recipes" / "assets"
+# ${asset:NAME} in a config is the shipped directory recipes/assets/NAME, wherever the repo is.
+OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS / name), replace=True)
 GROUPS = ("model", "task", "rollout", "reward", "algorithm", "trainer", "ray", "logger")
 TOP_LEVEL = set(GROUPS) | {"seed"}
 
@@ -34,10 +38,20 @@ def model_path(cfg: DictConfig) -> str:
     return str(TINY_CHECKPOINT if cfg.model.path is None else Path(cfg.model.path).expanduser())
 
 
+def image_tokenizer_path(cfg: DictConfig) -> str | None:
+    path = cfg.model.get("image_tokenizer")
+    return None if path is None else str(Path(path).expanduser())
+
+
 def validate(cfg: DictConfig) -> None:
     def bad(key: str, value, expected: str):
         raise ConfigError(f"config {key}={value!r}: expected {expected}")
 
+    try:  # a mandatory value left as ??? (e.g. model=mmada_8b without model.path) fails here, by name
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (MissingMandatoryValue, InterpolationResolutionError) as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise ConfigError(f"config {key}: a value is required (e.g. {key}=/path/to/local/dir)") from None
     for key in cfg:
         if key not in TOP_LEVEL:
             raise ConfigError(f"config: unknown top-level key {key!r}; expected one of {sorted(TOP_LEVEL)}")
@@ -50,6 +64,10 @@ def validate(cfg: DictConfig) -> None:
         check_checkpoint_dir(model_path(cfg))
     except FileNotFoundError as e:
         raise ConfigError(f"config model.path: {e}") from None
+
+    tok_dir = image_tokenizer_path(cfg)
+    if tok_dir is not None and not (Path(tok_dir) / "config.json").is_file():
+        bad("model.image_tokenizer", tok_dir, "a directory holding an image tokenizer (config.json + model.safetensors)")
 
     t, a, r, tr = cfg.task, cfg.algorithm, cfg.rollout, cfg.trainer
     for split in ("train", "val"):
@@ -105,7 +123,7 @@ def validate(cfg: DictConfig) -> None:
     keys = []
     for i, f in enumerate(functions):
         try:
-            spec = RewardSpec.parse(OmegaConf.to_container(f) if isinstance(f, DictConfig) else f)
+            spec = RewardSpec.parse(OmegaConf.to_container(f, resolve=True) if isinstance(f, DictConfig) else f)
         except ValueError as e:
             raise ConfigError(f"config reward.functions[{i}]: {e}") from None
         if spec.name not in available_rewards() and ":" not in spec.name and "." not in spec.name:

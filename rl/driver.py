@@ -20,8 +20,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rl.advantages import group_advantages
 from rl.batch import RolloutBatch
 from rl.checkpoint import CheckpointManager, resolve_resume
-from rl.config import model_path, validate
-from rl.data.loader import PromptCursor, load_split
+from rl.config import image_tokenizer_path, model_path, validate
+from rl.data.loader import PromptCursor, attach_image_codes, has_images, load_split
 from rl.learner import Learner
 from rl.tracking import Tracker
 from rewards.worker import RewardWorker
@@ -56,8 +56,15 @@ class Driver:
         self.model_path = model_path(cfg)
         self.G = cfg.algorithm.group_size
         self.accuracy_keys = [cfg.reward.accuracy] if isinstance(cfg.reward.accuracy, str) else list(cfg.reward.accuracy)
-        self.cursor = PromptCursor(load_split(cfg.task, "train", cfg.seed), cfg.seed)
-        self.val_rows = load_split(cfg.task, "val", cfg.seed)
+        train_rows, self.val_rows = load_split(cfg.task, "train", cfg.seed), load_split(cfg.task, "val", cfg.seed)
+        self.image_tokenizer = None
+        if has_images(train_rows) or has_images(self.val_rows):
+            from rl.models.vq import load_image_tokenizer
+            self.image_tokenizer = load_image_tokenizer(image_tokenizer_path(cfg))
+            attach_image_codes(train_rows, self.image_tokenizer, "task.train")
+            attach_image_codes(self.val_rows, self.image_tokenizer, "task.val")
+        self.cursor = PromptCursor(train_rows, cfg.seed)
+        self._reference: dict | None = None  # scores of the ground-truth images of the held-out t2i rows
         self.step = 0
         self.weights = None  # ObjectRef of the newest policy weights, for (re)started rollout workers
         self._start_ray()
@@ -107,15 +114,44 @@ class Driver:
                 **{f"actor/{k}": v for k, v in actor.items()}}
 
     def validate(self) -> dict:
+        """Held-out metrics: accuracy overall and per task (where a correctness reward applies) and, per
+        task, the mean of every reward component on its image answers, next to the same score of the
+        ground-truth images (`_reference`). Image answers are also saved as a PNG grid."""
         rows = self.val_rows
         batch, _ = self.generate(rows, 1, seed=self.cfg.seed, temperature=self.cfg.rollout.val_temperature)
         scores = self.score(batch)
         acc = torch.tensor(scores["accuracy"])
-        out = {"val/accuracy": acc.mean().item(), "val/reward/mean": float(sum(scores["total"]) / len(rows))}
+        out = {"val/reward/mean": float(sum(scores["total"]) / len(rows))}
+        if (~acc.isnan()).any():
+            out["val/accuracy"] = acc.nanmean().item()
+        images = batch.extras["images"]
+        if any(x is not None for x in images) and self._reference is None:
+            truth = [r.get("image_codes") if x is not None else None for r, x in zip(batch.extras["rows"], images)]
+            self._reference = self.score(batch, truth)["components"]
         for task in sorted({r["task"] for r in rows}):
             idx = [i for i, r in enumerate(batch.extras["rows"]) if r["task"] == task]
-            out[f"val/{task}/accuracy"] = acc[idx].mean().item()
+            if (~acc[idx].isnan()).any():
+                out[f"val/{task}/accuracy"] = acc[idx].nanmean().item()
+            if any(images[i] is not None for i in idx):
+                for key, values in scores["components"].items():
+                    vals = torch.tensor([values[i] for i in idx])
+                    if (~vals.isnan()).any():
+                        out[f"val/{task}/{key}"] = vals.nanmean().item()
+                        out[f"val/{task}/{key}_reference"] = torch.tensor(
+                            [self._reference[key][i] for i in idx]).nanmean().item()
+        if any(x is not None for x in images):
+            self._save_grid(batch)
         return out
+
+    def _save_grid(self, batch: RolloutBatch) -> None:
+        from rl.tracking import save_image_grid
+        pairs = [(r["prompt"], codes, r.get("image_codes"))
+                 for r, codes in zip(batch.extras["rows"], batch.extras["images"]) if codes is not None][:16]
+        generated = self.image_tokenizer.decode([p[1] for p in pairs]).numpy()
+        truth = self.image_tokenizer.decode([p[2] for p in pairs]).numpy() if all(p[2] for p in pairs) else None
+        path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
+        save_image_grid(path, generated, [p[0] for p in pairs], truth)
+        log.info("step %d: image samples in %s", self.step, path)
 
     # ---- one phase each ------------------------------------------------------------------------
     def generate(self, rows, group_size, seed, temperature=None) -> tuple[RolloutBatch, float]:
@@ -133,16 +169,19 @@ class Driver:
             group_size=group_size,
             extras={"rows": [r for p in parts for r in p["rows"]],
                     "completions": [c for p in parts for c in p["completions"]],
+                    "images": [x for p in parts for x in p["images"]],
                     "commit_step": torch.cat([p["commit_step"] for p in parts]),
                     "tokens_per_step": torch.cat([p["tokens_per_step"] for p in parts])},
         )
         return batch, max(p["seconds"] for p in parts)
 
-    def score(self, batch: RolloutBatch) -> dict:
+    def score(self, batch: RolloutBatch, images: list | None = None) -> dict:
+        """Rewards of the batch's answers (`images`: other image codes to score in place of the batch's)."""
         rows, completions = batch.extras["rows"], batch.extras["completions"]
+        images = batch.extras["images"] if images is None else images
         m = len(self.reward)
         bounds = [len(rows) * i // m for i in range(m + 1)]
-        futures = [w.score.remote([r["prompt"] for r in rows[lo:hi]], completions[lo:hi], rows[lo:hi])
+        futures = [w.score.remote([r["prompt"] for r in rows[lo:hi]], completions[lo:hi], rows[lo:hi], images[lo:hi])
                    for w, lo, hi in zip(self.reward, bounds, bounds[1:]) if hi > lo]
         parts = self._get(futures, [f"reward-{i}" for i in range(m)])
         keys = parts[0]["components"]
@@ -247,10 +286,10 @@ class Driver:
         return actor
 
     def _make_reward(self, i: int):
-        functions = OmegaConf.to_container(self.cfg.reward.functions)
+        functions = OmegaConf.to_container(self.cfg.reward.functions, resolve=True)
         return ray.remote(RewardWorker).options(
             name=f"reward-{i}", num_cpus=1, scheduling_strategy=self._bundle(self.cfg.rollout.num_workers + i),
-            runtime_env=self._env()).remote(functions, self.accuracy_keys)
+            runtime_env=self._env()).remote(functions, self.accuracy_keys, image_tokenizer_path(self.cfg))
 
     # ---- faults ------------------------------------------------------------------------------
     def _get(self, futures, names):
@@ -293,20 +332,23 @@ class Driver:
         return (self.cfg.seed * 1_000_003 + self.step * 7919 + {"rollout": 0, "learner": 1}[purpose]) % 2**31
 
     def _batch_metrics(self, batch, scores, gen_seconds, step_seconds) -> dict:
-        lengths = batch.answer_mask.sum(-1)
-        finished = batch.answer_mask[:, -1] == 0  # an end token came before the last position
+        text = torch.tensor([x is None for x in batch.extras["images"]])
+        lengths = batch.answer_mask.sum(-1)[text] if text.any() else batch.answer_mask.sum(-1)
+        finished = (batch.answer_mask[:, -1] == 0)[text]  # an end token came before the last position
         gen_tokens = batch.answer_ids.numel()
         out = {
             "reward/mean": float(batch.rewards.mean()),
             "reward/std": float(batch.rewards.std()),
             "response_length/mean": float(lengths.float().mean()),
             "response_length/max": float(lengths.max()),
-            "response_length/clip_ratio": float((~finished).float().mean()),
+            "response_length/clip_ratio": float((~finished).float().mean()) if text.any() else 0.0,
             "perf/rollout_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
             "rollout/tokens_per_step": float(batch.extras["tokens_per_step"].mean()),
             "perf/throughput": (batch.attention_mask.sum().item()) / max(step_seconds, 1e-9),
-            "train/accuracy": float(sum(scores["accuracy"]) / len(scores["accuracy"])),
         }
+        acc = torch.tensor(scores["accuracy"])
+        if (~acc.isnan()).any():
+            out["train/accuracy"] = acc.nanmean().item()
         for key, values in scores["components"].items():
             vals = [v for v in values if v == v]  # NaN = not applicable to that row
             if vals:

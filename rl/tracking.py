@@ -163,7 +163,7 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
         self._export_ray(record)
-        if any(_is_val_accuracy(k) for k in record):
+        if any(k.startswith("val/") for k in record):
             self.plot()
 
     def format_line(self, step: int, record: dict) -> str:
@@ -186,7 +186,8 @@ class Tracker:
                 gauge.set(record[key], tags={"experiment": self.experiment_name})
 
     def plot(self) -> Path:
-        """Write curves.png: reward/mean and validation accuracies against step, read from metrics.jsonl."""
+        """Write curves.png: reward/mean, validation accuracies and (when logged) other validation scores,
+        such as val/t2i/clip_score and its reference, against step, read from metrics.jsonl."""
         # The object-oriented API with the Agg canvas draws without pyplot, so it never switches the
         # process-wide backend or needs a display.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -194,9 +195,14 @@ class Tracker:
 
         records = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
         val_keys = sorted({k for r in records for k in r if _is_val_accuracy(k)})
-        fig = Figure(figsize=(11, 4), dpi=100)
+        score_keys = sorted({k for r in records for k in r if k.startswith("val/") and not _is_val_accuracy(k)
+                             and k != "val/reward/mean"})
+        panels = [(["reward/mean"], "reward"), (val_keys, "validation accuracy")]
+        if score_keys:
+            panels.append((score_keys, "validation scores"))
+        fig = Figure(figsize=(5.5 * len(panels), 4), dpi=100)
         FigureCanvasAgg(fig)
-        for ax, keys, title in zip(fig.subplots(1, 2), (["reward/mean"], val_keys), ("reward", "validation accuracy")):
+        for ax, (keys, title) in zip(fig.subplots(1, len(panels)), panels):
             for key in keys:
                 points = [(r["step"], r[key]) for r in records if key in r]
                 if points:
@@ -232,3 +238,35 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb):
         self.close(exit_code=1 if exc_type else 0)
+
+
+def save_image_grid(path: str | os.PathLike, images, captions: list[str], truth=None, scale: int = 4,
+                    columns: int = 4) -> None:
+    """A PNG of uint8 [N, H, W, 3] images, each under its caption (and beside its ground truth, when
+    given, on the left), so a run's image samples can be watched step by step."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    tile_w = w * scale * (2 if truth is not None else 1)
+    text_h, line_chars = 36, max(8, tile_w // 6)
+    rows = math.ceil(n / columns)
+    sheet = Image.new("RGB", (columns * (tile_w + 8), rows * (h * scale + text_h + 8)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        x, y = (i % columns) * (tile_w + 8), (i // columns) * (h * scale + text_h + 8)
+        pics = [truth[i], images[i]] if truth is not None else [images[i]]
+        for j, pic in enumerate(pics):
+            sheet.paste(Image.fromarray(pic).resize((w * scale, h * scale), Image.NEAREST), (x + j * w * scale, y))
+        words, lines = captions[i].split(), [""]
+        for word in words:
+            if len(lines[-1]) + len(word) + 1 > line_chars and lines[-1]:
+                lines.append("")
+            lines[-1] = f"{lines[-1]} {word}".strip()
+        draw.multiline_text((x, y + h * scale + 2), "\n".join(lines[:3]), fill="black", spacing=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    sheet.save(tmp)
+    os.replace(tmp, path)

@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 
 from rl.models import load_checkpoint
+from rollout.image import ImageSamplerConfig
 from rollout.rollout import rollout, sampler_config
 
 
@@ -18,6 +19,7 @@ class RolloutWorker:
         self.model, self.tokenizer = load_checkpoint(model_path)
         self.model.to(device).eval()
         self.sampler = sampler_config(sampler)
+        self.image_sampler = ImageSamplerConfig(**(sampler.get("image") or {}))
         self.micro_batch = micro_batch
         self.device = device
 
@@ -35,12 +37,12 @@ class RolloutWorker:
         sampler = self.sampler if temperature is None else replace(self.sampler, temperature=temperature)
         gen = torch.Generator().manual_seed(seed)
         t0 = time.perf_counter()
-        batch = rollout(self.model, self.tokenizer, rows, group_size, sampler, gen, self.micro_batch)
+        batch = rollout(self.model, self.tokenizer, rows, group_size, sampler, gen, self.micro_batch, self.image_sampler)
         seconds = time.perf_counter() - t0
         return {
             "prompt_ids": batch.prompt_ids, "prompt_mask": batch.prompt_mask,
             "answer_ids": batch.answer_ids, "answer_mask": batch.answer_mask,
             "commit_step": batch.extras["commit_step"], "tokens_per_step": batch.extras["tokens_per_step"],
-            "completions": batch.extras["completions"],
+            "completions": batch.extras["completions"], "images": batch.extras["images"],
             "rows": batch.extras["rows"], "seconds": seconds,
         }

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from rl.models.tokenizer import EOT
+from rl.models.tokenizer import EOT, MMU, SOI, T2I, multimodal_ids
+
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -12,6 +13,46 @@ def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.T
              for p in prompts]
     enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
+
+
+def mode_of(row: dict) -> str:
+    return row.get("mode") or "text"
+
+
+def encode_rows(tokenizer, rows: list[dict], image_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids and mask for task rows of any mode, left-padded (MMaDA's sequence layouts):
+
+    text  chat(user: prompt) assistant header                                 -> text answer
+    t2i   chat(user: <|t2i|> prompt) assistant header <|soi|>                   -> image codes
+    mmu   chat(user: <|mmu|> <|soi|> image codes <|eoi|> prompt) assistant header -> text answer
+
+    Image codes come from the row's `image_codes` (rl.data.images.attach_image_codes), shifted by
+    `image_offset` into the model's vocabulary. Text-only batches give exactly `encode_prompts`."""
+    modes = [mode_of(r) for r in rows]
+    if all(m == "text" for m in modes):
+        return encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    if image_offset is None:
+        raise ValueError("image rows need a model with image codes (LLaDAConfig.codebook_size > 0)")
+    ids = multimodal_ids(tokenizer)
+    seqs = []
+    for row, mode in zip(rows, modes):
+        content = {"text": row["prompt"], "t2i": T2I + row["prompt"], "mmu": MMU + SOI + row["prompt"]}[mode]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        seq = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if mode == "t2i":
+            seq = seq + [ids[SOI]]
+        elif mode == "mmu":
+            at = seq.index(ids[SOI]) + 1
+            seq = seq[:at] + [image_offset + c for c in row["image_codes"]] + [ids["<|eoi|>"]] + seq[at:]
+        seqs.append(seq)
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        out[i, width - len(seq):] = torch.tensor(seq)
+        mask[i, width - len(seq):] = 1
+    return out, mask
 
 
 def encode_answers(tokenizer, completions: list[str], length: int) -> torch.Tensor:

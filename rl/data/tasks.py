@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+from rl.data import shapes
+
 NAMES = ["Ann", "Ben", "Cal", "Dee", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kai", "Lea", "Max", "Nia", "Omar", "Pia"]
 ITEMS = ["apples", "books", "coins", "cards", "eggs", "pens", "shells", "stamps", "toys", "marbles"]
 
@@ -79,7 +81,9 @@ def _countdown(rng: random.Random) -> dict:
                 "solution": f"<think>{steps}</think><answer>{eq}</answer>"}
 
 
-GENERATORS = {"arithmetic": _arithmetic, "countdown": _countdown}
+# Multimodal (rl/data/shapes.py): "t2i" draws the captioned scene, "shapes_qa" answers a counting
+# question about a scene shown as image codes.
+GENERATORS = {"arithmetic": _arithmetic, "countdown": _countdown, "t2i": shapes.t2i_row, "shapes_qa": shapes.reasoning_row}
 # Split seeds are far apart so train and held-out rows come from disjoint random streams.
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
@@ -104,6 +108,7 @@ def make_mixture(tasks: dict[str, int], seed: int = 0, split: str = "train") -> 
 
 
 REQUIRED = ("prompt", "answer")
+MODES = ("text", "t2i", "mmu")
 
 
 def validate_rows(rows: list[dict], source: str) -> list[dict]:
@@ -119,6 +124,12 @@ def validate_rows(rows: list[dict], source: str) -> list[dict]:
                 raise ValueError(f"{source}: row {i} has no {key!r} (expected a non-empty string)")
             if not isinstance(value, (str, int, float)):
                 raise ValueError(f"{source}: row {i} key {key!r} is {type(value).__name__}, expected a string")
+        mode = row.get("mode")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"{source}: row {i} has mode {mode!r}, expected one of {list(MODES)}")
+        if mode in ("t2i", "mmu") and not any(k in row for k in ("scene", "image", "image_codes")):
+            raise ValueError(f"{source}: row {i} (mode {mode!r}) needs an image: key 'image' (a file path), "
+                             f"'image_codes' or 'scene'")
     return rows
 
 

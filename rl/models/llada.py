@@ -53,6 +53,8 @@ class LLaDAConfig(PretrainedConfig):
         max_sequence_length: int = 4096,
         init_std: float = 0.02,
         include_bias: bool = False,
+        codebook_size: int = 0,
+        num_vq_tokens: int = 0,
         **kwargs,
     ):
         self.d_model = d_model
@@ -69,6 +71,11 @@ class LLaDAConfig(PretrainedConfig):
         self.max_sequence_length = max_sequence_length
         self.init_std = init_std
         self.include_bias = include_bias
+        # Unified tokens (MMaDA): the last `codebook_size` vocabulary rows are image codes, so image code c
+        # is token id image_token_offset + c; `num_vq_tokens` codes make one image (MMaDA-8B: 8192 codes,
+        # 1024 tokens per 512 px image). 0 = a text-only model.
+        self.codebook_size = codebook_size
+        self.num_vq_tokens = num_vq_tokens
         kwargs.setdefault("tie_word_embeddings", weight_tying)
         super().__init__(**kwargs)
         self.validate_shape()
@@ -90,8 +97,21 @@ class LLaDAConfig(PretrainedConfig):
             bad("embedding_size", f"must be >= vocab_size={self.vocab_size}")
         if not 0 <= self.mask_token_id < self.embedding_size:
             bad("mask_token_id", f"must be a token id in [0, {self.embedding_size})")
+        for key in ("codebook_size", "num_vq_tokens"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                bad(key, "expected an integer >= 0 (0 = text only)")
+        if self.codebook_size and not 0 < self.codebook_size < self.vocab_size:
+            bad("codebook_size", f"image codes are the last rows of the vocabulary: must be < vocab_size={self.vocab_size}")
+        if self.codebook_size and self.mask_token_id >= self.image_token_offset:
+            bad("mask_token_id", f"must be a text token (< image_token_offset={self.image_token_offset})")
         if self.include_bias:
             bad("include_bias", "LLaDA checkpoints have no biases; only False is supported")
+
+
+    @property
+    def image_token_offset(self) -> int:
+        """Token id of image code 0 (= the text vocabulary size)."""
+        return self.vocab_size - self.codebook_size
 
 
 class RMSNorm(nn.Module):

@@ -17,6 +17,11 @@ START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
 SPECIAL_TOKENS = [BOS, EOS, MASK, START_HEADER, END_HEADER, EOT]
+# MMaDA's multimodal markers: start/end of image, and the task tokens of text-to-image and
+# multimodal understanding. Image codes themselves are not tokenizer entries: they are the model's
+# last vocabulary rows (LLaDAConfig.image_token_offset + code).
+SOI, EOI, T2I, MMU = "<|soi|>", "<|eoi|>", "<|t2i|>", "<|mmu|>"
+MULTIMODAL_TOKENS = [SOI, EOI, T2I, MMU]
 
 # LLaDA-8B-Instruct's conversation layout.
 CHAT_TEMPLATE = (
@@ -57,6 +62,20 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def add_multimodal_tokens(tokenizer) -> None:
+    """Append MMaDA's markers as special tokens (ids after the existing vocabulary)."""
+    tokenizer.add_tokens([t for t in MULTIMODAL_TOKENS if t not in tokenizer.get_vocab()], special_tokens=True)
+
+
+def multimodal_ids(tokenizer) -> dict[str, int]:
+    """Ids of the multimodal markers; a clear error for a tokenizer that lacks them."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in MULTIMODAL_TOKENS}
+    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokenizer has no {missing}: image rows need a multimodal checkpoint (e.g. model=tiny_mm)")
+    return ids
 
 
 def end_token_ids(tokenizer) -> list[int]:

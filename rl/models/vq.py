@@ -1,0 +1,169 @@
+"""Image tokenizer: pixels <-> a grid of discrete codes, the image vocabulary of a unified model.
+
+The interface every image tokenizer here offers (MMaDA uses MAGVIT-v2 behind the same idea):
+
+    tok.codebook_size      number of codes (the model's image vocabulary rows)
+    tok.tokens_per_image   codes per image (row-major grid)
+    tok.encode(images)     uint8 [B, H, W, 3] (numpy or torch) -> long [B, tokens_per_image]
+    tok.decode(codes)      long [B, tokens_per_image] -> uint8 [B, H, W, 3] torch tensor
+
+`VQImageTokenizer` is a small convolutional VQ-VAE (van den Oord et al. 2017): a strided encoder,
+nearest-codebook quantisation with a straight-through gradient, a transposed-conv decoder. The
+shipped one (recipes/build_tiny_vq.py) turns 32x32 synthetic scenes into 8x8 = 64 codes.
+Everything stays in memory: decoding for rewards never writes an image file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+TINY_VQ = Path(__file__).resolve().parents[2] / "recipes" / "assets" / "tiny-vq"
+
+
+@dataclass
+class VQConfig:
+    image_size: int = 32
+    downsample: int = 4  # a power of two: one stride-2 conv per halving
+    hidden: int = 64
+    embed_dim: int = 16
+    codebook_size: int = 128
+    beta: float = 0.25  # commitment weight
+
+    def __post_init__(self):
+        d = self.downsample
+        if d < 2 or d & (d - 1) or self.image_size % d:
+            raise ValueError(f"VQConfig.downsample={d}: expected a power of two >= 2 dividing image_size={self.image_size}")
+        if self.codebook_size < 2:
+            raise ValueError(f"VQConfig.codebook_size={self.codebook_size}: expected at least 2 codes")
+
+
+def _encoder(hidden: int, out: int, halvings: int) -> nn.Sequential:
+    # Strided convs from the first layer: no full-resolution hidden maps, which cost most of the time.
+    layers: list[nn.Module] = []
+    for i in range(halvings):
+        layers += [nn.Conv2d(3 if i == 0 else hidden, hidden, 4, stride=2, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, out, 1))
+
+
+def _decoder(inp: int, hidden: int, halvings: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(inp, hidden, 3, padding=1), nn.ReLU()]
+    for i in range(halvings):
+        last = i == halvings - 1
+        layers += [nn.ConvTranspose2d(hidden, 3 if last else hidden, 4, stride=2, padding=1)]
+        if not last:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class VQImageTokenizer(nn.Module):
+    def __init__(self, config: VQConfig):
+        super().__init__()
+        self.config = config
+        halvings = config.downsample.bit_length() - 1
+        self.encoder = _encoder(config.hidden, config.embed_dim, halvings)
+        self.decoder = _decoder(config.embed_dim, config.hidden, halvings)
+        self.codebook = nn.Embedding(config.codebook_size, config.embed_dim)
+        nn.init.uniform_(self.codebook.weight, -1 / config.codebook_size, 1 / config.codebook_size)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def grid(self) -> int:
+        return self.config.image_size // self.config.downsample
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid * self.grid
+
+    def _device(self):
+        return self.codebook.weight.device
+
+    # ---- pixels <-> latents ----------------------------------------------------------------------
+    def to_input(self, images) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
+        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+        size = self.config.image_size
+        if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (size, size, 3):
+            raise ValueError(f"image tokenizer: expected uint8 images [B, {size}, {size}, 3], got {x.dtype} {tuple(x.shape)}")
+        return x.to(self._device()).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    @staticmethod
+    def to_pixels(x: torch.Tensor) -> torch.Tensor:
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, D, h, w] latents -> (codes [B, h*w], quantised latents [B, D, h, w])."""
+        B, D, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, D)
+        book = self.codebook.weight
+        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ book.T + book.pow(2).sum(1)[None]
+        codes = dist.argmin(1)
+        return codes.view(B, h * w), self.lookup(codes.view(B, h * w))
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        B = codes.shape[0]
+        return self.codebook(codes).view(B, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+
+    # ---- the interface -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        return self.quantize(self.encoder(self.to_input(images)))[0].cpu()
+
+    @torch.no_grad()
+    def decode(self, codes) -> torch.Tensor:
+        codes = torch.as_tensor(codes, dtype=torch.long, device=self._device())
+        if codes.ndim != 2 or codes.shape[1] != self.tokens_per_image:
+            raise ValueError(f"image tokenizer: expected codes [B, {self.tokens_per_image}], got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"image tokenizer: codes must lie in [0, {self.codebook_size}), got "
+                             f"[{codes.min().item()}, {codes.max().item()}]")
+        return self.to_pixels(self.decoder(self.lookup(codes)))
+
+    # ---- training ----------------------------------------------------------------------------------
+    def loss(self, images) -> tuple[torch.Tensor, dict]:
+        x = self.to_input(images)
+        z = self.encoder(x)
+        codes, q = self.quantize(z)
+        commit = F.mse_loss(z, q.detach())
+        book = F.mse_loss(q, z.detach())
+        recon = F.mse_loss(self.decoder(z + (q - z).detach()), x)  # straight-through estimator
+        return recon + book + self.config.beta * commit, {"recon": recon.item(), "codes": codes, "latents": z}
+
+    # ---- files ---------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps({"type": "vq", **asdict(self.config)}, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "VQImageTokenizer":
+        path = Path(path)
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"image tokenizer directory {str(path)!r} is missing {name}")
+        raw = json.loads((path / "config.json").read_text())
+        kind = raw.pop("type", None)
+        if kind != "vq":
+            raise ValueError(f"{path / 'config.json'}: type={kind!r}, expected 'vq'")
+        try:
+            config = VQConfig(**raw)
+        except TypeError as e:
+            raise ValueError(f"{path / 'config.json'}: {e}") from None
+        model = cls(config)
+        model.load_state_dict(load_file(path / "model.safetensors"))
+        return model.eval()
+
+
+def load_image_tokenizer(path: str | Path | None = None) -> VQImageTokenizer:
+    """The image tokenizer in `path` (None: the shipped tiny VQ)."""
+    return VQImageTokenizer.from_pretrained(TINY_VQ if path is None else path)

@@ -1,0 +1,105 @@
+"""The CLIP reward: the shipped tiny CLIP, batching, the reward's NaN rule, errors, and a directory
+with CLIP ViT-L/14's shape (scaled down in width and depth)."""
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from recipes.build_tiny_clip import build_processor, top1_of_10
+from rewards.clip import TINY_CLIP, ClipScorer
+from rewards.combine import WeightedReward
+from rewards.registry import build_reward
+from rewards.worker import RewardWorker
+from rl.data import shapes
+from rl.data.tasks import make_rows
+from rl.models.vq import load_image_tokenizer
+
+torch.set_num_threads(1)
+
+
+def save_vit_l14_shaped_clip(path):
+    """Random weights with ViT-L/14's patch 14 at 224 px, 77 text positions and 768-d projection; the
+    processor resizes 32 px images up to 224 with OpenAI CLIP's mean/std."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = build_processor().tokenizer
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, eos_token_id=1, bos_token_id=0, pad_token_id=1)
+    vision = dict(image_size=224, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)).save_pretrained(path)
+    image = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                               image_mean=[0.48145466, 0.4578275, 0.40821073],
+                               image_std=[0.26862954, 0.26130258, 0.27577711])
+    CLIPProcessor(image_processor=image, tokenizer=tok).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return ClipScorer()
+
+
+def test_shipped_clip_tells_captions_apart_on_held_out_scenes(scorer):
+    rows = [shapes.t2i_row(random.Random(7)) for _ in range(1)] + make_rows("t2i", 99, seed=5, split="val")
+    result = top1_of_10(scorer, rows, seed=1)
+    assert result["top1_of_10"] >= 0.8
+    assert result["clip_score_matching"] > result["clip_score_mismatched"] + 30
+    recorded = json.loads((TINY_CLIP / "build_info.json").read_text())["held_out"]
+    assert recorded["top1_of_10"] >= 0.8 and recorded["n"] >= 1000
+
+
+def test_batched_scores_equal_one_at_a_time(scorer):
+    rows = make_rows("t2i", 5, seed=2, split="val")
+    images, texts = list(shapes.images_of(rows)), [r["prompt"] for r in rows][::-1]
+    batched = ClipScorer(batch_size=2)(images, texts)
+    single = [scorer([im], [t])[0] for im, t in zip(images, texts)]
+    assert np.allclose(batched, single, atol=1e-4)
+    assert all(-100 <= s <= 100 for s in batched)
+
+
+def test_clip_reward_nan_rule_errors_and_weighted_sum():
+    rows = make_rows("t2i", 2) + make_rows("arithmetic", 1)
+    images = [shapes.render(rows[0]["scene"]), shapes.render(rows[1]["scene"]), None]
+    prompts = [r["prompt"] for r in rows]
+    reward = build_reward("clip", {"scale": 0.1})
+    scores = reward(prompts, ["", "", "x"], images=images)
+    assert math.isnan(scores[2]) and all(0 < s <= 10 for s in scores[:2])
+    with pytest.raises(ValueError, match="needs column 'images'"):
+        reward(prompts, ["", "", "x"])
+    total = WeightedReward([{"name": "clip", "weight": 0.1, "key": "clip_score", "tasks": ["t2i"]}])(
+        prompts, ["", "", "x"], images=images, task=[r["task"] for r in rows])
+    assert math.isnan(total["components"]["clip_score"][2]) and total["total"][2] == 0.0
+    with pytest.raises(FileNotFoundError, match="CLIP directory '/nonexistent/clip' does not exist"):
+        ClipScorer("/nonexistent/clip")
+
+
+def test_reward_worker_decodes_codes_in_memory_and_scores_them():
+    vq = load_image_tokenizer()
+    rows = make_rows("t2i", 2, seed=3, split="val") + make_rows("arithmetic", 1)
+    codes = vq.encode(shapes.images_of(rows[:2])).tolist()
+    worker = RewardWorker([{"name": "clip", "weight": 0.1, "key": "clip_score", "tasks": ["t2i"]},
+                           {"name": "math", "weight": 2.0, "tasks": ["arithmetic"]}], ["math"])
+    try:
+        out = worker.score([r["prompt"] for r in rows], ["", "", rows[2]["solution"]], rows, [codes[0], codes[1], None])
+        swapped = worker.score([r["prompt"] for r in rows[:2]], ["", ""], rows[:2], [codes[1], codes[0]])
+    finally:
+        worker.close()
+    clip = out["components"]["clip_score"]
+    assert clip[0] > swapped["components"]["clip_score"][1]  # its own image beats the other caption's image
+    assert math.isnan(out["accuracy"][0]) and out["accuracy"][2] == 1.0
+
+
+def test_vit_l14_shaped_directory_scores_small_images(tmp_path):
+    save_vit_l14_shaped_clip(tmp_path / "clip")
+    scorer = ClipScorer(tmp_path / "clip", batch_size=2)
+    assert scorer.model.config.vision_config.patch_size == 14 and scorer.model.config.projection_dim == 768
+    rows = make_rows("t2i", 3)
+    scores = scorer(list(shapes.images_of(rows)), [r["prompt"] for r in rows])
+    assert len(scores) == 3 and all(math.isfinite(s) for s in scores)
+    (tmp_path / "clip" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"is missing: model weights"):
+        ClipScorer(tmp_path / "clip")
