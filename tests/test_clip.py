@@ -2,13 +2,13 @@
 with CLIP ViT-L/14's shape (scaled down in width and depth)."""
 import json
 import math
-import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from recipes.build_tiny_clip import build_processor, top1_of_10
+from recipes.build_tiny_clip import WORDS, build_processor, top1_of_10
 from rewards.clip import TINY_CLIP, ClipScorer
 from rewards.combine import WeightedReward
 from rewards.registry import build_reward
@@ -44,12 +44,28 @@ def scorer():
 
 
 def test_shipped_clip_tells_captions_apart_on_held_out_scenes(scorer):
-    rows = [shapes.t2i_row(random.Random(7)) for _ in range(1)] + make_rows("t2i", 99, seed=5, split="val")
+    rows = make_rows("t2i", 100, seed=5, split="val")
     result = top1_of_10(scorer, rows, seed=1)
     assert result["top1_of_10"] >= 0.8
     assert result["clip_score_matching"] > result["clip_score_mismatched"] + 30
     recorded = json.loads((TINY_CLIP / "build_info.json").read_text())["held_out"]
     assert recorded["top1_of_10"] >= 0.8 and recorded["n"] >= 1000
+
+
+def test_tokenizer_knows_every_caption_word(scorer):
+    tok = scorer.processor.tokenizer
+    # The unknown token is <|endoftext|>, as in OpenAI's CLIP: it must not stand in for any caption text.
+    for word in WORDS:
+        tokens = tok.convert_ids_to_tokens(tok(word, add_special_tokens=False).input_ids)
+        assert tok.unk_token not in tokens and "".join(tokens) == word + "</w>"
+    assert tok.convert_ids_to_tokens(tok("a red circle").input_ids) == [
+        "<|startoftext|>", "a</w>", "red</w>", "circle</w>", "<|endoftext|>"]
+    rows = make_rows("t2i", 200, seed=4, split="val")
+    for r in rows:
+        tokens = tok.convert_ids_to_tokens(tok(r["prompt"]).input_ids)
+        assert tokens[0] == "<|startoftext|>" and tokens[-1] == "<|endoftext|>" and tok.unk_token not in tokens[1:-1]
+        assert "".join(tokens[1:-1]).replace("</w>", " ").replace(" ,", ",").strip() == r["prompt"]
+        assert len(tokens) <= scorer.max_length
 
 
 def test_batched_scores_equal_one_at_a_time(scorer):
@@ -59,6 +75,12 @@ def test_batched_scores_equal_one_at_a_time(scorer):
     single = [scorer([im], [t])[0] for im, t in zip(images, texts)]
     assert np.allclose(batched, single, atol=1e-4)
     assert all(-100 <= s <= 100 for s in batched)
+    assert np.allclose(scorer([torch.from_numpy(im) for im in images], texts), single, atol=1e-4)
+    assert np.isfinite(scorer(images[:1], [" and ".join(texts) * 4])).all()  # truncated to 32 positions
+    with pytest.raises(ValueError, match=r"image 1 is float32 \[32, 32, 3\]; expected uint8"):
+        scorer([images[0], images[1].astype(np.float32)], texts[:2])
+    with pytest.raises(ValueError, match=r"image 0 is uint8 \[3, 32, 32\]"):
+        scorer([images[0].transpose(2, 0, 1)], texts[:1])
 
 
 def test_clip_reward_nan_rule_errors_and_weighted_sum():
@@ -74,7 +96,23 @@ def test_clip_reward_nan_rule_errors_and_weighted_sum():
         prompts, ["", "", "x"], images=images, task=[r["task"] for r in rows])
     assert math.isnan(total["components"]["clip_score"][2]) and total["total"][2] == 0.0
     with pytest.raises(FileNotFoundError, match="CLIP directory '/nonexistent/clip' does not exist"):
-        ClipScorer("/nonexistent/clip")
+        build_reward("clip", {"path": "/nonexistent/clip"})
+    with pytest.raises(ValueError, match=r"images\[0\] against its prompt .* prompts\[0\] is NoneType"):
+        reward([None, None, None], ["", "", "x"], images=images)
+
+
+@pytest.mark.parametrize("remove, named", [
+    (["config.json"], "config.json"),
+    (["processor_config.json"], "preprocessor_config.json or processor_config.json"),
+    (["tokenizer.json"], "tokenizer files"),
+])
+def test_missing_files_are_named(tmp_path, remove, named):
+    clip = tmp_path / "clip"
+    shutil.copytree(TINY_CLIP, clip)
+    for name in remove:
+        (clip / name).unlink()
+    with pytest.raises(FileNotFoundError, match=f"CLIP directory '{clip}' is missing: {named}"):
+        ClipScorer(clip)
 
 
 def test_reward_worker_decodes_codes_in_memory_and_scores_them():
