@@ -2,9 +2,6 @@
 same vocabulary (126,464 text tokens, mask id 126336, then 8,192 image codes), the same CLIP patch
 and image size. One rollout of every mode, rewards (CLIP through the image tokenizer) and one
 UniGRPO update, on random weights."""
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +15,7 @@ from rl.models.llada import LLaDAConfig, LLaDAModelLM
 from rl.models.tokenizer import BOS, END_HEADER, EOS, EOT, MASK, MULTIMODAL_TOKENS, START_HEADER, wrap
 from rl.models.vq import VQConfig, VQImageTokenizer
 from rollout.worker import RolloutWorker
+from tests.test_learner import free_port, restore_env  # noqa: F401  (restore_env: autouse fixture)
 
 torch.set_num_threads(2)
 
@@ -25,20 +23,6 @@ TEXT_VOCAB, CODES, MASK_ID = 126464, 8192, 126336
 # LLaDA-8B's special-token ids; the multimodal markers take reserved ids next to them.
 SPECIAL_IDS = {BOS: 126080, EOS: 126081, MASK: MASK_ID, START_HEADER: 126346, END_HEADER: 126347, EOT: 126348,
                **{t: 126090 + i for i, t in enumerate(MULTIMODAL_TOKENS)}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(autouse=True)
-def restore_env():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def llada_tokenizer():

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from rl.models.tokenizer import EOT, MMU, SOI, T2I, multimodal_ids
-
+from rl.batch import RolloutBatch
+from rl.models.tokenizer import EOI, EOT, MMU, SOI, T2I, multimodal_ids
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +26,7 @@ def encode_rows(tokenizer, rows: list[dict], image_offset: int | None = None) ->
     t2i   chat(user: <|t2i|> prompt) assistant header <|soi|>                   -> image codes
     mmu   chat(user: <|mmu|> <|soi|> image codes <|eoi|> prompt) assistant header -> text answer
 
-    Image codes come from the row's `image_codes` (rl.data.images.attach_image_codes), shifted by
+    Image codes come from the row's `image_codes` (rl.data.loader.attach_image_codes), shifted by
     `image_offset` into the model's vocabulary. Text-only batches give exactly `encode_prompts`."""
     modes = [mode_of(r) for r in rows]
     if all(m == "text" for m in modes):
@@ -44,15 +44,10 @@ def encode_rows(tokenizer, rows: list[dict], image_offset: int | None = None) ->
             seq = seq + [ids[SOI]]
         elif mode == "mmu":
             at = seq.index(ids[SOI]) + 1
-            seq = seq[:at] + [image_offset + c for c in row["image_codes"]] + [ids["<|eoi|>"]] + seq[at:]
-        seqs.append(seq)
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        out[i, width - len(seq):] = torch.tensor(seq)
-        mask[i, width - len(seq):] = 1
-    return out, mask
+            seq = seq[:at] + [image_offset + c for c in row["image_codes"]] + [ids[EOI]] + seq[at:]
+        seqs.append(torch.tensor([seq]))
+    return (RolloutBatch.left_pad(seqs, tokenizer.pad_token_id),
+            RolloutBatch.left_pad([torch.ones_like(s) for s in seqs], 0))
 
 
 def encode_answers(tokenizer, completions: list[str], length: int) -> torch.Tensor:

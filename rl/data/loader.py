@@ -17,15 +17,19 @@ def load_split(task_cfg, split: str, seed: int) -> list[dict]:
     return validate_rows(rows, f"task.{split}")
 
 
+def _is_image_row(row: dict) -> bool:
+    return row.get("mode") in ("t2i", "mmu")
+
+
 def has_images(rows: list[dict]) -> bool:
-    return any(r.get("mode") in ("t2i", "mmu") for r in rows)
+    return any(_is_image_row(r) for r in rows)
 
 
 def attach_image_codes(rows: list[dict], image_tokenizer, source: str, batch: int = 256) -> list[dict]:
     """Give every image row its `image_codes` (the prompt image of an mmu row, the ground truth of a
     t2i row), encoded once here rather than on every rollout. The image is the row's `scene`
     (rendered), or `image`, a file path, read with PIL."""
-    todo = [(i, r) for i, r in enumerate(rows) if r.get("mode") in ("t2i", "mmu") and "image_codes" not in r]
+    todo = [(i, r) for i, r in enumerate(rows) if _is_image_row(r) and "image_codes" not in r]
     size = image_tokenizer.config.image_size
     for lo in range(0, len(todo), batch):
         pixels = [_pixels(r, i, source, size) for i, r in todo[lo:lo + batch]]
