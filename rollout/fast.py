@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rollout.sampler import (SampleOutput, SamplerConfig, commit_top_k, guided, sample_tokens, score_tokens,
-                             transfer_schedule)
+from rollout.sampler import (SampleOutput, SamplerConfig, commit_top_k, exclude_non_text, guided, sample_tokens,
+                             score_tokens, transfer_schedule)
 
 CACHES = ("none", "prefix", "dual")
 
@@ -118,8 +118,10 @@ def generate_fast(
     generator: torch.Generator | None = None,
     end_ids: list[int] | None = None,
     fill_id: int | None = None,
+    text_vocab: int | None = None,
 ) -> SampleOutput:
-    """end_ids (early stop) are the tokens that end an answer; fill_id what pads after them."""
+    """end_ids (early stop) are the tokens that end an answer; fill_id what pads after them;
+    text_vocab as in rollout.sampler.generate."""
     if cfg.early_stop and (not end_ids or fill_id is None):
         raise ValueError("sampler.early_stop=true needs the tokenizer's end token ids and an end-of-text fill id")
     B, P = prompt_ids.shape
@@ -160,7 +162,7 @@ def generate_fast(
                 w_hi = hi if cfg.cache == "dual" else P + L
                 logits = net.window(xa, attn[rows], kv, lo, w_hi, (0, bl))
             first_pass = False
-            logits[..., mask_id] = float("-inf")  # the mask token is never a prediction
+            exclude_non_text(logits, mask_id, text_vocab)
             x0 = sample_tokens(logits, cfg.temperature, generator)
             conf = torch.where(masked, score_tokens(logits, x0, cfg.remasking, generator), float("-inf"))
             k = sched[:, i] if sched is not None else parallel_count(conf, cfg.threshold, cfg.factor)

@@ -31,10 +31,15 @@ def sampler_config(rollout_cfg: Mapping) -> SamplerConfig:
 
 
 def sample(model, tokenizer, ids, mask, sampler: SamplerConfig, generator=None):
+    """Text answers; on a unified model they never draw image codes (out of distribution for a text
+    answer, and their reference log-probs are tiny, which spikes the KL term)."""
+    config = model.config
+    text_vocab = config.image_token_offset if getattr(config, "codebook_size", 0) else None
     if isinstance(sampler, FastSamplerConfig):
         return generate_fast(model, ids, mask, tokenizer.mask_token_id, sampler, generator,
-                             end_ids=end_token_ids(tokenizer), fill_id=tokenizer.eos_token_id)
-    return generate(model, ids, mask, tokenizer.mask_token_id, sampler, generator)
+                             end_ids=end_token_ids(tokenizer), fill_id=tokenizer.eos_token_id,
+                             text_vocab=text_vocab)
+    return generate(model, ids, mask, tokenizer.mask_token_id, sampler, generator, text_vocab=text_vocab)
 
 
 def _merge(parts: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]], n: int, pad: int, fill: int):

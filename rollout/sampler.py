@@ -73,6 +73,13 @@ def transfer_schedule(masked_per_row: torch.Tensor, steps: int) -> torch.Tensor:
     return sched
 
 
+def exclude_non_text(logits: torch.Tensor, mask_id: int, text_vocab: int | None) -> None:
+    """In place: the mask token is never a prediction, nor is an image code in a text answer."""
+    logits[..., mask_id] = float("-inf")
+    if text_vocab is not None:
+        logits[..., text_vocab:] = float("-inf")
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """Gumbel-max in float64: argmax(l - T*log(-log u)), which equals argmax(exp(l) / (-log u)^T)."""
     if temperature == 0:
@@ -130,7 +137,10 @@ def generate(
     mask_id: int,
     cfg: SamplerConfig,
     generator: torch.Generator | None = None,
+    text_vocab: int | None = None,
 ) -> SampleOutput:
+    """text_vocab: on a unified text+image model, the first image-code id; answers draw from the
+    ids below it only."""
     B, P = prompt_ids.shape
     L, bl = cfg.gen_length, cfg.block_length
     x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=prompt_ids.dtype, device=prompt_ids.device)], 1)
@@ -146,7 +156,7 @@ def generate(
         for i in range(steps_per_block):
             logits = guided_logits(model, x, attn, prompt_positions, mask_id, cfg.cfg_scale, (lo, hi))
             passes += 1
-            logits[..., mask_id] = float("-inf")  # the mask token is never a prediction
+            exclude_non_text(logits, mask_id, text_vocab)
             x0 = sample_tokens(logits, cfg.temperature, generator)
             conf = score_tokens(logits, x0, cfg.remasking, generator)
             masked = x[:, lo:hi] == mask_id

@@ -18,6 +18,7 @@ from rl.models.vq import VQConfig, VQImageTokenizer, load_image_tokenizer
 from rollout.fast import FastSamplerConfig
 from rollout.image import ImageSamplerConfig, generate_image, mask_schedule
 from rollout.rollout import rollout
+from rollout.sampler import SamplerConfig
 
 torch.set_num_threads(1)
 
@@ -217,4 +218,17 @@ def test_mixed_rollout_keeps_order_lengths_and_masks(mm, vq):
             assert batch.answer_mask[i].sum() == 64 and torch.equal(batch.answer_ids[i] - offset, torch.tensor(codes))
         else:
             assert codes is None and (batch.answer_mask[i, 32:] == 0).all()
+            assert (batch.answer_ids[i, :32] < offset).all()  # a text answer never draws an image code
     assert batch.extras["commit_step"].shape == (10, 64) and batch.extras["tokens_per_step"].shape == (10,)
+
+
+def test_text_answers_of_a_unified_model_draw_text_tokens_only(mm, vq):
+    # A random model puts ~30% of its mass on the 128 image codes; both text samplers must exclude them.
+    model, tok = mm
+    rows = attach_image_codes(make_rows("arithmetic", 2) + make_rows("shapes_qa", 2), vq, "rows")
+    offset = model.config.image_token_offset
+    for sampler in (SamplerConfig(gen_length=32, block_length=16, steps=32, temperature=1.0),
+                    FastSamplerConfig(gen_length=32, block_length=16, steps=32, temperature=1.0, threshold=None,
+                                      early_stop=False)):
+        batch = rollout(model, tok, rows, 4, sampler, torch.Generator().manual_seed(1))
+        assert (batch.answer_ids < offset).all() and (batch.answer_ids != tok.mask_token_id).all()
