@@ -110,7 +110,7 @@ class Driver:
             self.sync_weights()
         timing["step"] = time.perf_counter() - t0
         return {**{f"timing_s/{k}": v for k, v in timing.items()},
-                **self._batch_metrics(batch, scores, gen_seconds, timing["step"]),
+                **batch_metrics(batch, scores, self.cfg.rollout.gen_length, gen_seconds, timing["step"]),
                 **{f"actor/{k}": v for k, v in actor.items()}}
 
     def validate(self) -> dict:
@@ -331,30 +331,6 @@ class Driver:
     def _seed(self, purpose: str) -> int:
         return (self.cfg.seed * 1_000_003 + self.step * 7919 + {"rollout": 0, "learner": 1}[purpose]) % 2**31
 
-    def _batch_metrics(self, batch, scores, gen_seconds, step_seconds) -> dict:
-        text = torch.tensor([x is None for x in batch.extras["images"]])
-        lengths = batch.answer_mask.sum(-1)[text] if text.any() else batch.answer_mask.sum(-1)
-        finished = (batch.answer_mask[:, -1] == 0)[text]  # an end token came before the last position
-        gen_tokens = batch.answer_ids.numel()
-        out = {
-            "reward/mean": float(batch.rewards.mean()),
-            "reward/std": float(batch.rewards.std()),
-            "response_length/mean": float(lengths.float().mean()),
-            "response_length/max": float(lengths.max()),
-            "response_length/clip_ratio": float((~finished).float().mean()) if text.any() else 0.0,
-            "perf/rollout_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
-            "rollout/tokens_per_step": float(batch.extras["tokens_per_step"].mean()),
-            "perf/throughput": (batch.attention_mask.sum().item()) / max(step_seconds, 1e-9),
-        }
-        acc = torch.tensor(scores["accuracy"])
-        if (~acc.isnan()).any():
-            out["train/accuracy"] = acc.nanmean().item()
-        for key, values in scores["components"].items():
-            vals = [v for v in values if v == v]  # NaN = not applicable to that row
-            if vals:
-                out[f"reward/{key}/mean"] = sum(vals) / len(vals)
-        return out
-
     def close(self) -> None:
         self.tracker.close()
         for a in [*self.rollout, *self.reward, *self.learners]:
@@ -368,6 +344,34 @@ class Driver:
             names = [n for n in names if _actor_alive(n)]
             if names:
                 time.sleep(0.1)
+
+
+def batch_metrics(batch, scores, gen_length: int, gen_seconds: float, step_seconds: float) -> dict:
+    """Per-step rollout metrics (verl's names where they exist). Length metrics cover text answers."""
+    text = torch.tensor([x is None for x in batch.extras["images"]])
+    lengths = batch.answer_mask.sum(-1)[text] if text.any() else batch.answer_mask.sum(-1)
+    # A text answer is clipped when its last position (gen_length; image answers may be longer) is
+    # still inside the answer mask: no end token came before it.
+    clipped = batch.answer_mask[:, min(gen_length, batch.answer_mask.shape[1]) - 1] > 0
+    gen_tokens = batch.answer_ids.numel()
+    out = {
+        "reward/mean": float(batch.rewards.mean()),
+        "reward/std": float(batch.rewards.std()),
+        "response_length/mean": float(lengths.float().mean()),
+        "response_length/max": float(lengths.max()),
+        "response_length/clip_ratio": float(clipped[text].float().mean()) if text.any() else 0.0,
+        "perf/rollout_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
+        "rollout/tokens_per_step": float(batch.extras["tokens_per_step"].mean()),
+        "perf/throughput": (batch.attention_mask.sum().item()) / max(step_seconds, 1e-9),
+    }
+    acc = torch.tensor(scores["accuracy"])
+    if (~acc.isnan()).any():
+        out["train/accuracy"] = acc.nanmean().item()
+    for key, values in scores["components"].items():
+        vals = [v for v in values if v == v]  # NaN = not applicable to that row
+        if vals:
+            out[f"reward/{key}/mean"] = sum(vals) / len(vals)
+    return out
 
 
 def _actor_alive(name: str) -> bool:

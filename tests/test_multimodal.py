@@ -232,3 +232,22 @@ def test_text_answers_of_a_unified_model_draw_text_tokens_only(mm, vq):
                                       early_stop=False)):
         batch = rollout(model, tok, rows, 4, sampler, torch.Generator().manual_seed(1))
         assert (batch.answer_ids < offset).all() and (batch.answer_ids != tok.mask_token_id).all()
+
+
+def test_batch_metrics_measure_text_lengths_when_image_answers_are_longer():
+    from rl.batch import RolloutBatch
+    from rl.driver import batch_metrics
+
+    # gen_length 4, image answers 8 codes: a text answer is clipped when position 3 is still counted.
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0],   # text, no end token: clipped
+                         [1, 1, 0, 0, 0, 0, 0, 0],   # text, ended at position 1
+                         [1, 1, 1, 1, 1, 1, 1, 1]],  # image codes
+                        dtype=torch.float)
+    batch = RolloutBatch(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long),
+                         torch.zeros(3, 8, dtype=torch.long), mask, rewards=torch.tensor([0.0, 1.0, 0.5]),
+                         extras={"images": [None, None, list(range(8))], "tokens_per_step": torch.ones(3)})
+    scores = {"accuracy": [0.0, 1.0, float("nan")], "components": {"clip_score": [float("nan")] * 2 + [40.0]}}
+    m = batch_metrics(batch, scores, 4, 1.0, 2.0)
+    assert m["response_length/clip_ratio"] == 0.5
+    assert m["response_length/mean"] == 3.0 and m["response_length/max"] == 4.0
+    assert m["train/accuracy"] == 0.5 and m["reward/clip_score/mean"] == 40.0
