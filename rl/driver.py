@@ -367,6 +367,11 @@ def batch_metrics(batch, scores, gen_length: int, gen_seconds: float, step_secon
     acc = torch.tensor(scores["accuracy"])
     if (~acc.isnan()).any():
         out["train/accuracy"] = acc.nanmean().item()
+    tasks = [r.get("task") for r in batch.extras.get("rows", [])]
+    for task in sorted({t for t in tasks if t is not None}):
+        task_acc = acc[[i for i, t in enumerate(tasks) if t == task]]
+        if (~task_acc.isnan()).any():
+            out[f"train/{task}/accuracy"] = task_acc.nanmean().item()
     for key, values in scores["components"].items():
         vals = [v for v in values if v == v]  # NaN = not applicable to that row
         if vals:

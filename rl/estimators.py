@@ -105,15 +105,24 @@ def token_logps(
     return TokenLogps(out.view(V, B, L), ent_out)
 
 
+K3_MAX = 10.0
+
+
 def kl_penalty(logp: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1/k2/k3)."""
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1/k2/k3).
+
+    k3 is bounded as verl's low_var_kl (log-ratio to +-20, value to K3_MAX): it grows as exp(ref -
+    logp), so one token the policy has just pushed 10 nats below the reference (a junk continuation
+    with a negative advantage) would otherwise outweigh the whole batch and spend the clipped
+    gradient of an inner step on itself.
+    """
     if kind == "k1":
         return logp - ref
     if kind == "k2":
         return 0.5 * (logp - ref) ** 2
     if kind == "k3":
-        d = ref - logp
-        return torch.exp(d) - d - 1
+        d = (ref - logp).clamp(-20.0, 20.0)
+        return (torch.exp(d) - d - 1).clamp(max=K3_MAX)
     raise ValueError(f"kl: expected one of {KL_ESTIMATORS}, got {kind!r}")
 
 

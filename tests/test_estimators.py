@@ -138,6 +138,16 @@ def test_kl_estimators():
     assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.tensor([math.exp(-1), 0.0]))
 
 
+def test_k3_is_bounded_like_verls_low_var_kl():
+    # A token 12 nats below the reference would give exp(12) ~ 1.6e5 and a gradient to match.
+    logp = torch.tensor([-14.0, -3.0, -2.0], requires_grad=True)
+    ref = torch.tensor([-2.0, -2.0, -2.0])
+    kl = kl_penalty(logp, ref, "k3")
+    assert torch.allclose(kl, torch.tensor([10.0, math.exp(1) - 2, 0.0]))
+    kl.sum().backward()
+    assert logp.grad[0] == 0 and logp.grad[1] == pytest.approx(-(math.exp(1) - 1))
+
+
 def test_aggregations():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [7.0, 7.0, 7.0]])
     w = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
@@ -255,7 +265,8 @@ def _hand_grpo(batch, plan_mask, new, old, ref, A, eps, beta, kl, per_token=None
             pen = 0.0
             if beta:
                 r_ = ref(b, j)
-                pen = {"k1": n - r_, "k2": 0.5 * (n - r_) ** 2, "k3": math.exp(r_ - n) - (r_ - n) - 1}[kl]
+                d = min(max(r_ - n, -20.0), 20.0)
+                pen = {"k1": n - r_, "k2": 0.5 * (n - r_) ** 2, "k3": min(math.exp(d) - d - 1, 10.0)}[kl]  # verl's bound
             row.append(-surr + beta * pen)
         toks += row
         if row:

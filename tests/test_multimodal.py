@@ -245,9 +245,11 @@ def test_batch_metrics_measure_text_lengths_when_image_answers_are_longer():
                         dtype=torch.float)
     batch = RolloutBatch(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long),
                          torch.zeros(3, 8, dtype=torch.long), mask, rewards=torch.tensor([0.0, 1.0, 0.5]),
-                         extras={"images": [None, None, list(range(8))], "tokens_per_step": torch.ones(3)})
+                         extras={"images": [None, None, list(range(8))], "tokens_per_step": torch.ones(3),
+                                 "rows": [{"task": "arithmetic"}, {"task": "shapes_qa"}, {"task": "t2i"}]})
     scores = {"accuracy": [0.0, 1.0, float("nan")], "components": {"clip_score": [float("nan")] * 2 + [40.0]}}
     m = batch_metrics(batch, scores, 4, 1.0, 2.0)
     assert m["response_length/clip_ratio"] == 0.5
     assert m["response_length/mean"] == 3.0 and m["response_length/max"] == 4.0
     assert m["train/accuracy"] == 0.5 and m["reward/clip_score/mean"] == 40.0
+    assert (m["train/arithmetic/accuracy"], m["train/shapes_qa/accuracy"]) == (0.0, 1.0) and "train/t2i/accuracy" not in m
