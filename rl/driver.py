@@ -120,18 +120,15 @@ class Driver:
         rows = self.val_rows
         batch, _ = self.generate(rows, 1, seed=self.cfg.seed, temperature=self.cfg.rollout.val_temperature)
         scores = self.score(batch)
-        acc = torch.tensor(scores["accuracy"])
-        out = {"val/reward/mean": float(sum(scores["total"]) / len(rows))}
-        if (~acc.isnan()).any():
-            out["val/accuracy"] = acc.nanmean().item()
+        out = {"val/reward/mean": float(sum(scores["total"]) / len(rows)),
+               **accuracies(batch.extras["rows"], scores["accuracy"], "val")}
         images = batch.extras["images"]
-        if any(x is not None for x in images) and self._reference is None:
+        has_images = any(x is not None for x in images)
+        if has_images and self._reference is None:
             truth = [r.get("image_codes") if x is not None else None for r, x in zip(batch.extras["rows"], images)]
             self._reference = self.score(batch, truth)["components"]
         for task in sorted({r["task"] for r in rows}):
             idx = [i for i, r in enumerate(batch.extras["rows"]) if r["task"] == task]
-            if (~acc[idx].isnan()).any():
-                out[f"val/{task}/accuracy"] = acc[idx].nanmean().item()
             if any(images[i] is not None for i in idx):
                 for key, values in scores["components"].items():
                     vals = torch.tensor([values[i] for i in idx])
@@ -139,7 +136,7 @@ class Driver:
                         out[f"val/{task}/{key}"] = vals.nanmean().item()
                         out[f"val/{task}/{key}_reference"] = torch.tensor(
                             [self._reference[key][i] for i in idx]).nanmean().item()
-        if any(x is not None for x in images):
+        if has_images:
             self._save_grid(batch)
         return out
 
@@ -346,6 +343,18 @@ class Driver:
                 time.sleep(0.1)
 
 
+def accuracies(rows: list[dict], accuracy: list[float], prefix: str) -> dict:
+    """`prefix`/accuracy over all rows and `prefix`/<task>/accuracy per task, each over the rows a
+    correctness reward applies to (accuracy not NaN); a key with no such row is left out."""
+    acc = torch.tensor(accuracy)
+    groups = {"": list(range(len(accuracy)))}
+    for i, r in enumerate(rows):
+        if r.get("task") is not None:
+            groups.setdefault(f"{r['task']}/", []).append(i)
+    return {f"{prefix}/{name}accuracy": acc[idx].nanmean().item()
+            for name, idx in sorted(groups.items()) if (~acc[idx].isnan()).any()}
+
+
 def batch_metrics(batch, scores, gen_length: int, gen_seconds: float, step_seconds: float) -> dict:
     """Per-step rollout metrics (verl's names where they exist). Length metrics cover text answers."""
     text = torch.tensor([x is None for x in batch.extras["images"]])
@@ -364,14 +373,7 @@ def batch_metrics(batch, scores, gen_length: int, gen_seconds: float, step_secon
         "rollout/tokens_per_step": float(batch.extras["tokens_per_step"].mean()),
         "perf/throughput": (batch.attention_mask.sum().item()) / max(step_seconds, 1e-9),
     }
-    acc = torch.tensor(scores["accuracy"])
-    if (~acc.isnan()).any():
-        out["train/accuracy"] = acc.nanmean().item()
-    tasks = [r.get("task") for r in batch.extras.get("rows", [])]
-    for task in sorted({t for t in tasks if t is not None}):
-        task_acc = acc[[i for i, t in enumerate(tasks) if t == task]]
-        if (~task_acc.isnan()).any():
-            out[f"train/{task}/accuracy"] = task_acc.nanmean().item()
+    out.update(accuracies(batch.extras.get("rows", []), scores["accuracy"], "train"))
     for key, values in scores["components"].items():
         vals = [v for v in values if v == v]  # NaN = not applicable to that row
         if vals:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollout.sampler import SampleOutput, commit_top_k, guided, sample_tokens, uniform
+from rollout.sampler import SampleOutput, commit_top_k, guided, gumbel, sample_tokens
 
 
 @dataclass
@@ -39,10 +39,6 @@ class ImageSamplerConfig:
 def mask_schedule(step: int, steps: int) -> float:
     """Fraction of the image still masked after step `step` (0-based): cos(pi/2 * (step+1)/steps)."""
     return math.cos(math.pi / 2 * (step + 1) / steps)
-
-
-def gumbel(shape, generator, device) -> torch.Tensor:
-    return -torch.log(-torch.log(uniform(shape, generator, device).clamp_min(1e-20)))
 
 
 @torch.no_grad()

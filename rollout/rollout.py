@@ -30,11 +30,15 @@ def sampler_config(rollout_cfg: Mapping) -> SamplerConfig:
     return SAMPLERS[name](**{k: rollout_cfg[k] for k in takes if k in rollout_cfg})
 
 
+def image_offset(config) -> int | None:
+    """Token id of image code 0 on a unified text+image model; None for a text-only model."""
+    return config.image_token_offset if getattr(config, "codebook_size", 0) else None
+
+
 def sample(model, tokenizer, ids, mask, sampler: SamplerConfig, generator=None):
     """Text answers; on a unified model they never draw image codes (out of distribution for a text
     answer, and their reference log-probs are tiny, which spikes the KL term)."""
-    config = model.config
-    text_vocab = config.image_token_offset if getattr(config, "codebook_size", 0) else None
+    text_vocab = image_offset(model.config)
     if isinstance(sampler, FastSamplerConfig):
         return generate_fast(model, ids, mask, tokenizer.mask_token_id, sampler, generator,
                              end_ids=end_token_ids(tokenizer), fill_id=tokenizer.eos_token_id,
@@ -67,7 +71,7 @@ def rollout(model, tokenizer, rows: list[dict], group_size: int, sampler: Sample
     the rows' order, with answers right-padded to the longest (padding is outside the answer mask)."""
     expanded = [row for row in rows for _ in range(group_size)]
     config = model.config
-    offset = config.image_token_offset if config.codebook_size else None
+    offset = image_offset(config)
     end_ids = end_token_ids(tokenizer)
     is_image = [mode_of(r) == "t2i" for r in expanded]
     if any(is_image) and not (config.codebook_size and config.num_vq_tokens):

@@ -85,8 +85,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Gen
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.double()
-    u = uniform(logits.shape, generator, logits.device)
-    return (logits - temperature * torch.log(-torch.log(u))).argmax(-1)
+    return (logits + temperature * gumbel(logits.shape, generator, logits.device)).argmax(-1)
 
 
 def uniform(shape, generator, device, dtype=torch.float64) -> torch.Tensor:
@@ -94,6 +93,11 @@ def uniform(shape, generator, device, dtype=torch.float64) -> torch.Tensor:
     gives the same samples whether the model runs on the CPU or a GPU."""
     src = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=src, dtype=dtype).to(device)
+
+
+def gumbel(shape, generator, device) -> torch.Tensor:
+    """Standard Gumbel noise, -log(-log u), in float64."""
+    return -torch.log(-torch.log(uniform(shape, generator, device).clamp_min(1e-20)))
 
 
 def score_tokens(logits, x0, remasking, generator):

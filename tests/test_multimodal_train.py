@@ -1,30 +1,18 @@
 """End-to-end: the multimodal recipes through the driver, with real Ray actors, the shipped tiny
 multimodal model, VQ and CLIP."""
-from pathlib import Path
+from functools import partial
 
 import pytest
-import ray
-from hydra import compose, initialize_config_dir
 
 from rl.config import ConfigError
 from rl.driver import Driver
 from rl.tracking import read_metrics
+from tests.test_train import compose_cfg, local_ray  # noqa: F401 (local_ray is a fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["trainer.total_steps=1", "trainer.prompts_per_step=3", "algorithm.group_size=2", "algorithm.mu=1",
          "trainer.val_every=1", "trainer.save_every=0", "ray.num_cpus=6", "rollout.image.steps=4"]
 
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*SMALL, *overrides])
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=6, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+compose_cfg = partial(compose_cfg, base=SMALL)
 
 
 @pytest.mark.slow

@@ -24,9 +24,9 @@ SMALL = [
 TIMING = ("timing_s/", "perf/")
 
 
-def compose_cfg(*overrides):
+def compose_cfg(*overrides, base=SMALL):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*SMALL, *overrides])
+        return compose(config_name="config", overrides=[*base, *overrides])
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import random
 import numpy as np
 
 from rl.data.shapes import render
-from rl.data.tasks import load_jsonl, make_mixture, validate_rows
+from rl.data.tasks import IMAGE_MODES, load_jsonl, make_mixture, validate_rows
 
 
 def load_split(task_cfg, split: str, seed: int) -> list[dict]:
@@ -18,7 +18,7 @@ def load_split(task_cfg, split: str, seed: int) -> list[dict]:
 
 
 def _is_image_row(row: dict) -> bool:
-    return row.get("mode") in ("t2i", "mmu")
+    return row.get("mode") in IMAGE_MODES
 
 
 def has_images(rows: list[dict]) -> bool:

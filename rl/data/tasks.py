@@ -108,7 +108,8 @@ def make_mixture(tasks: dict[str, int], seed: int = 0, split: str = "train") -> 
 
 
 REQUIRED = ("prompt", "answer")
-MODES = ("text", "t2i", "mmu")
+IMAGE_MODES = ("t2i", "mmu")  # rows that carry an image: the answer (t2i) or in the prompt (mmu)
+MODES = ("text", *IMAGE_MODES)
 
 
 def validate_rows(rows: list[dict], source: str) -> list[dict]:
@@ -127,7 +128,7 @@ def validate_rows(rows: list[dict], source: str) -> list[dict]:
         mode = row.get("mode")
         if mode is not None and mode not in MODES:
             raise ValueError(f"{source}: row {i} has mode {mode!r}, expected one of {list(MODES)}")
-        if mode in ("t2i", "mmu") and not any(k in row for k in ("scene", "image", "image_codes")):
+        if mode in IMAGE_MODES and not any(k in row for k in ("scene", "image", "image_codes")):
             raise ValueError(f"{source}: row {i} (mode {mode!r}) needs an image: key 'image' (a file path), "
                              f"'image_codes' or 'scene'")
     return rows

@@ -107,7 +107,6 @@ class LLaDAConfig(PretrainedConfig):
         if self.include_bias:
             bad("include_bias", "LLaDA checkpoints have no biases; only False is supported")
 
-
     @property
     def image_token_offset(self) -> int:
         """Token id of image code 0 (= the text vocabulary size)."""
