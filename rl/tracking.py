@@ -197,7 +197,10 @@ class Tracker:
         val_keys = sorted({k for r in records for k in r if _is_val_accuracy(k)})
         score_keys = sorted({k for r in records for k in r if k.startswith("val/") and not _is_val_accuracy(k)
                              and k != "val/reward/mean"})
-        panels = [(["reward/mean"], "reward"), (val_keys, "validation accuracy")]
+        panels = [(["reward/mean"], "reward")]
+        # A run with no correctness reward (text-to-image) has scores only: no empty accuracy panel.
+        if val_keys or not score_keys:
+            panels.append((val_keys, "validation accuracy"))
         if score_keys:
             panels.append((score_keys, "validation scores"))
         fig = Figure(figsize=(5.5 * len(panels), 4), dpi=100)

@@ -101,6 +101,22 @@ def test_plot_writes_png_at_validation_steps_and_close(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_panels_follow_the_logged_validation_metrics(tmp_path):
+    from PIL import Image
+
+    def width(val):
+        run = tmp_path / str(len(list(tmp_path.iterdir())))
+        tr = Tracker(run, [], experiment_name="exp")
+        tr.log(1, {**step_metrics(1), **val})
+        tr.close()
+        return Image.open(run / CURVES_FILE).size[0]
+
+    panel = width({"val/accuracy": 0.5}) // 2  # reward | accuracy
+    scores = {"val/t2i/clip_score": 40.0, "val/t2i/clip_score_reference": 90.0}
+    assert width(scores) == 2 * panel  # reward | scores: no empty accuracy panel for text-to-image
+    assert width({"val/accuracy": 0.5, **scores}) == 3 * panel
+
+
 def test_wandb_offline_run_and_resume_reuse_the_id(wandb_env):
     run_dir = wandb_env
     tr = Tracker(run_dir, ["wandb"], project="dllm-rl-test", experiment_name="exp", config={"lr": 1e-4},
