@@ -94,7 +94,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("total_steps", "prompts_per_step", "num_learners"):
         if not isinstance(tr[key], int) or tr[key] < 1:
             bad(f"trainer.{key}", tr[key], "an integer >= 1")
-    for key, n in (("rollout.num_workers", r.num_workers), ("reward.num_workers", cfg.reward.num_workers)):
+    for key, n in (("rollout.num_workers", r.num_workers), ("reward.num_workers", cfg.reward.num_workers),
+                   ("rollout.val_n", r.val_n)):
         if not isinstance(n, int) or n < 1:
             bad(key, n, "an integer >= 1")
     if tr.prompts_per_step % r.num_workers:

@@ -117,10 +117,11 @@ class Driver:
         """Held-out metrics: accuracy overall and per task (where a correctness reward applies) and, per
         task, the mean of every reward component on its image answers, next to the same score of the
         ground-truth images (`_reference`). Image answers are also saved as a PNG grid."""
-        rows = self.val_rows
-        batch, _ = self.generate(rows, 1, seed=self.cfg.seed, temperature=self.cfg.rollout.val_temperature)
+        rows, n = self.val_rows, self.cfg.rollout.val_n
+        # n answers per prompt: at a sampling temperature one answer each leaves a few points of noise.
+        batch, _ = self.generate(rows, n, seed=self.cfg.seed, temperature=self.cfg.rollout.val_temperature)
         scores = self.score(batch)
-        out = {"val/reward/mean": float(sum(scores["total"]) / len(rows)),
+        out = {"val/reward/mean": float(sum(scores["total"]) / len(scores["total"])),
                **accuracies(batch.extras["rows"], scores["accuracy"], "val")}
         images = batch.extras["images"]
         has_images = any(x is not None for x in images)
@@ -137,13 +138,14 @@ class Driver:
                         out[f"val/{task}/{key}_reference"] = torch.tensor(
                             [self._reference[key][i] for i in idx]).nanmean().item()
         if has_images:
-            self._save_grid(batch)
+            self._save_grid(batch, n)
         return out
 
-    def _save_grid(self, batch: RolloutBatch) -> None:
+    def _save_grid(self, batch: RolloutBatch, n: int = 1) -> None:
+        """The first answer of each of the first 16 image prompts (a batch holds n answers per prompt)."""
         from rl.tracking import save_image_grid
         pairs = [(r["prompt"], codes, r.get("image_codes"))
-                 for r, codes in zip(batch.extras["rows"], batch.extras["images"]) if codes is not None][:16]
+                 for r, codes in zip(batch.extras["rows"][::n], batch.extras["images"][::n]) if codes is not None][:16]
         generated = self.image_tokenizer.decode([p[1] for p in pairs]).numpy()
         truth = self.image_tokenizer.decode([p[2] for p in pairs]).numpy() if all(p[2] for p in pairs) else None
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"

@@ -15,7 +15,7 @@ from rollout.sampler import SamplerConfig, answer_mask, generate
 
 SAMPLERS = {"reference": SamplerConfig, "fast": FastSamplerConfig}
 # rollout.* keys that configure the workers, not the sampler
-WORKER_KEYS = {"sampler", "num_workers", "micro_batch", "val_temperature", "image"}
+WORKER_KEYS = {"sampler", "num_workers", "micro_batch", "val_temperature", "val_n", "image"}
 
 
 def sampler_config(rollout_cfg: Mapping) -> SamplerConfig:

@@ -33,6 +33,7 @@ def test_default_config_is_valid_and_uses_the_tiny_recipe():
     ("rollout.threshold=1.5", "sampler.threshold=1.5"),
     ("rollout.cache=kv", "sampler.cache='kv'"),
     ("rollout.sampler=turbo", "rollout.sampler='turbo'"),
+    ("rollout.val_n=0", "rollout.val_n=0: expected an integer >= 1"),
 ])
 def test_bad_values_get_one_named_message(override, message):
     extra = ["rollout.num_workers=2"] if "prompts_per_step" in override else []

@@ -18,12 +18,22 @@ compose_cfg = partial(compose_cfg, base=SMALL)
 @pytest.mark.slow
 def test_unified_recipe_logs_every_task_and_saves_image_grids(local_ray, tmp_path):
     cfg = compose_cfg("recipe=unified_tiny", "task.train={arithmetic: 8, shapes_qa: 8, t2i: 8}",
-                      "task.val={arithmetic: 2, shapes_qa: 2, t2i: 3}")
+                      "task.val={arithmetic: 2, shapes_qa: 2, t2i: 3}", "rollout.val_n=3")
     driver = Driver(cfg, tmp_path / "run")
+    val_batches = []
+
+    def generate(rows, group_size, seed, temperature=None):
+        batch, seconds = Driver.generate(driver, rows, group_size, seed, temperature)
+        if temperature is not None:  # validation passes the validation temperature
+            val_batches.append((len(rows), len(batch.extras["rows"])))
+        return batch, seconds
+
+    driver.generate = generate
     try:
         driver.fit()
     finally:
         driver.close()
+    assert val_batches == [(7, 21), (7, 21)]  # val_n answers per held-out prompt
     metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1]
     for m in metrics:
@@ -37,6 +47,9 @@ def test_unified_recipe_logs_every_task_and_saves_image_grids(local_ray, tmp_pat
     grids = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
     assert grids == ["step_000000.png", "step_000001.png"]
     assert (tmp_path / "run" / "samples" / grids[0]).read_bytes()[:4] == b"\x89PNG"
+    from PIL import Image
+    # One row of tiles (a 32 px image at scale 4 over its caption): one image per caption, not per answer.
+    assert Image.open(tmp_path / "run" / "samples" / grids[0]).size[1] == 32 * 4 + 36 + 8
 
 
 def test_real_size_configs_need_their_local_directories(tmp_path):
