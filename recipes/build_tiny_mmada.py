@@ -3,9 +3,10 @@
     python -m recipes.build_tiny_mmada [--out DIR]
 
 Starting point: recipes/assets/tiny-llada and the tiny VQ (recipes/assets/tiny-vq). The tokenizer
-gains MMaDA's markers (<|soi|> <|eoi|> <|t2i|> <|mmu|>); the vocabulary gains one row per VQ code
-after the text tokens (LLaDAConfig.codebook_size). Training mixes, with the masked-diffusion SFT
-loss (rl/sft.py):
+gains MMaDA's markers (<|soi|> <|eoi|> <|t2i|> <|mmu|>) and the scene words (rl/data/shapes.py
+WORDS: colours, shapes, backgrounds), which leave the text tasks' tokens unchanged; the vocabulary
+gains one row per VQ code after the text tokens (LLaDAConfig.codebook_size). Training mixes, with
+the masked-diffusion SFT loss (rl/sft.py):
 
 - text-to-image: caption -> the VQ codes of its scene (rl/data/shapes.py); the prompt is masked for
   10% of rows, so the model also learns the unconditional distribution classifier-free guidance needs;
@@ -16,8 +17,8 @@ loss (rl/sft.py):
   the text skill stays.
 
 It trains for a fixed number of steps (a short run leaves room for RL) and reports held-out text-to-image
-CLIP score (generated vs ground-truth codes), reasoning accuracy and arithmetic accuracy in
-build_info.json.
+CLIP score (generated vs ground-truth codes), reasoning accuracy (and how often the whole shape list
+is right) and arithmetic accuracy in build_info.json.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from recipes.build_tiny_llada import ANSWER_LENGTHS, careless, exact_answer
+from rl.data import shapes
 from rl.data.encode import encode_answers, encode_rows
 from rl.data.loader import attach_image_codes
 from rl.data.tasks import make_rows
@@ -44,8 +46,10 @@ from rollout.image import ImageSamplerConfig
 from rollout.rollout import rollout
 
 TINY_MM = TINY_CHECKPOINT.parent / "tiny-mmada"
-MIX = {"t2i": 0.45, "shapes_qa": 0.35, "text": 0.2}
-EVAL_TEXT = FastSamplerConfig(gen_length=64, block_length=16, steps=64, temperature=0.9)
+MIX = {"t2i": 0.35, "shapes_qa": 0.45, "text": 0.2}
+# 32 answer tokens: the longest shape list with its answer is 26 with the scene words as tokens.
+QA_LENGTH = 32
+EVAL_TEXT = FastSamplerConfig(gen_length=QA_LENGTH, block_length=16, steps=QA_LENGTH, temperature=0.9)
 EVAL_IMAGE = ImageSamplerConfig(steps=8, temperature=1.0)
 
 
@@ -79,13 +83,22 @@ def off_by_one(row: dict, rng: random.Random) -> dict:
     return {**row, "solution": f"{head}<answer>{wrong}</answer>"}
 
 
+def list_correct(completions: list[str], rows: list[dict]) -> list[bool]:
+    """Whether each answer's <think> shape list is exactly the scene's: how well the model reads the image,
+    apart from counts it can get right with a wrong list (small numbers are easy to hit)."""
+    def listing(text):
+        lo, hi = text.find("<think>"), text.find("</think>")
+        return text[lo + 7: hi].strip() if 0 <= lo < hi else None
+    return [listing(c) == listing(r["solution"]) for c, r in zip(completions, rows)]
+
+
 def batch_for(mode: str, rng: random.Random, text_rows, vq, tok, offset, tokens: int, careless_p: float, gen):
     if mode == "text":
         L = rng.choices(list(ANSWER_LENGTHS), list(ANSWER_LENGTHS.values()))[0]
         rows = rng.sample(text_rows[L], max(2, tokens // (L + 40)))
         ids, mask = encode_rows(tok, rows, offset)
         return ids, mask, encode_answers(tok, [r["solution"] for r in rows], L)
-    n = max(2, tokens // (100 if mode == "t2i" else 150))
+    n = max(2, tokens // (100 if mode == "t2i" else 110))
     rows = make_rows(mode, n, rng.randrange(2**31), "train")
     attach_image_codes(rows, vq, mode)
     ids, mask = encode_rows(tok, rows, offset)
@@ -94,7 +107,7 @@ def batch_for(mode: str, rng: random.Random, text_rows, vq, tok, offset, tokens:
         ids = torch.where(drop & mask.bool(), torch.full_like(ids, tok.mask_token_id), ids)
         return ids, mask, torch.tensor([r["image_codes"] for r in rows]) + offset
     rows = [off_by_one(r, rng) if rng.random() < careless_p else r for r in rows]
-    return ids, mask, encode_answers(tok, [r["solution"] for r in rows], 64)
+    return ids, mask, encode_answers(tok, [r["solution"] for r in rows], QA_LENGTH)
 
 
 @torch.no_grad()
@@ -111,6 +124,8 @@ def evaluate(model, tok, vq, clip_dir: Path | None, n: int, seed: int) -> dict:
     for name, rows in (("shapes_qa", qa), ("arithmetic", arith)):
         batch = rollout(model, tok, rows, 1, EVAL_TEXT, gen, micro_batch=64)
         out[f"{name}/accuracy"] = sum(exact_answer(batch.extras["completions"], rows)) / len(rows)
+        if name == "shapes_qa":
+            out["shapes_qa/list_accuracy"] = sum(list_correct(batch.extras["completions"], rows)) / len(rows)
     batch = rollout(model, tok, t2i, 1, EVAL_TEXT, gen, micro_batch=64, image_sampler=EVAL_IMAGE)
     if clip_dir is not None and (clip_dir / "config.json").is_file():
         from rewards.clip import ClipScorer
@@ -130,7 +145,7 @@ def main(argv=None):
     ap.add_argument("--clip", type=Path, default=TINY_CHECKPOINT.parent / "tiny-clip", help="for the report only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-rows", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -145,6 +160,7 @@ def main(argv=None):
     base, tok = load_checkpoint(args.init)
     vq = load_image_tokenizer(args.vq)
     add_multimodal_tokens(tok)
+    tok.add_tokens(list(shapes.WORDS))
     model = extend(base, len(tok), vq.codebook_size, vq.tokens_per_image, args.seed)
     offset = model.config.image_token_offset
     noise = random.Random(args.seed + 1)

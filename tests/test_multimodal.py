@@ -124,6 +124,16 @@ def test_config_layout_and_errors():
         LLaDAConfig(vocab_size=100, codebook_size=10, mask_token_id=95)
 
 
+def test_shipped_tiny_mmada_tokenizer_has_scene_words_and_keeps_text_tokens():
+    from rl.models import TINY_CHECKPOINT, load_tokenizer
+    mm_tok, text_tok = load_tokenizer(TINY_CHECKPOINT.parent / "tiny-mmada"), load_tokenizer(TINY_CHECKPOINT)
+    for word in shapes.WORDS:
+        assert len(mm_tok(word, add_special_tokens=False).input_ids) == 1, word
+    for row in make_rows("arithmetic", 100, seed=1) + make_rows("countdown", 100, seed=1):
+        for text in (row["prompt"], row["solution"]):
+            assert mm_tok(text, add_special_tokens=False).input_ids == text_tok(text, add_special_tokens=False).input_ids
+
+
 def test_encode_rows_layouts(mm, vq):
     model, tok = mm
     offset = model.config.image_token_offset

@@ -18,6 +18,10 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
 BACKGROUNDS = {"white": (235, 235, 235), "black": (25, 25, 25), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
 MAX_SHAPES = 3
+# The scene vocabulary, one tokenizer entry each in the tiny multimodal model (recipes/build_tiny_mmada.py):
+# spelled out in byte-level pieces, a shape list is up to 38 tokens a tiny diffusion LM decodes in
+# parallel into non-words ("yelld sqiargle"); as whole words it is at most 13.
+WORDS = (*COLORS, *BACKGROUNDS, *SHAPES, "shape", "background")
 
 
 def make_scene(rng: random.Random, size: int = IMAGE_SIZE) -> dict:
