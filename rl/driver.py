@@ -138,12 +138,13 @@ class Driver:
                         out[f"val/{task}/{key}_reference"] = torch.tensor(
                             [self._reference[key][i] for i in idx]).nanmean().item()
         if has_images:
-            self._save_grid(batch, n)
+            self._save_grid(batch)
         return out
 
-    def _save_grid(self, batch: RolloutBatch, n: int = 1) -> None:
-        """The first answer of each of the first 16 image prompts (a batch holds n answers per prompt)."""
+    def _save_grid(self, batch: RolloutBatch) -> None:
+        """The first answer of each of the first 16 image prompts (a batch holds group_size answers each)."""
         from rl.tracking import save_image_grid
+        n = batch.group_size
         pairs = [(r["prompt"], codes, r.get("image_codes"))
                  for r, codes in zip(batch.extras["rows"][::n], batch.extras["images"][::n]) if codes is not None][:16]
         generated = self.image_tokenizer.decode([p[1] for p in pairs]).numpy()
