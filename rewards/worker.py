@@ -3,8 +3,8 @@ actor; the class is plain Python. Every math-verify call inside already has its 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from rewards.combine import WeightedReward
@@ -30,6 +30,36 @@ def accuracy_of(components: dict[str, list[float]], keys: Sequence[str]) -> list
     return out
 
 
+@dataclass
+class Scores:
+    """What a reward worker returns for a batch; every list has one entry per sample.
+
+    total: the weighted sum; accuracy: 1.0/0.0 from the accuracy reward (NaN where none applies);
+    components: each reward's unweighted score by component key (NaN = not applicable);
+    extras: the extra keys of verl-style dict results as "<component>/<key>" (None where missing).
+    """
+
+    total: list[float]
+    accuracy: list[float]
+    components: dict[str, list[float]]
+    extras: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.total)
+
+    @staticmethod
+    def concat(parts: Sequence["Scores"]) -> "Scores":
+        """Scores of consecutive slices of one batch, joined in order."""
+        keys = list(parts[0].components)
+        extra_keys = sorted({k for p in parts for k in p.extras})
+        return Scores(
+            total=[x for p in parts for x in p.total],
+            accuracy=[x for p in parts for x in p.accuracy],
+            components={k: [x for p in parts for x in p.components[k]] for k in keys},
+            extras={k: [x for p in parts for x in p.extras.get(k, [None] * len(p))] for k in extra_keys},
+        )
+
+
 class RewardWorker:
     def __init__(self, functions: list[dict], accuracy: Sequence[str], image_tokenizer: str | None = None):
         self.reward = WeightedReward(functions)
@@ -39,9 +69,6 @@ class RewardWorker:
         if missing:
             raise ValueError(f"reward.accuracy names {missing}, which are not among reward.functions {self.reward.keys}")
         self.accuracy = list(accuracy)
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def decode(self, images: Sequence[list[int] | None]) -> list:
         """Generated image codes -> uint8 [H, W, 3] pixels in memory (None stays None)."""
@@ -57,15 +84,14 @@ class RewardWorker:
         return out
 
     def score(self, prompts: list[str], completions: list[str], rows: list[dict],
-              images: Sequence[list[int] | None] | None = None) -> dict:
+              images: Sequence[list[int] | None] | None = None) -> Scores:
         """`images`: per sample, the generated image codes (None for text answers); reward functions
         see them decoded, as column `images`."""
         columns = columns_of(rows)
         if images is not None and any(codes is not None for codes in images):
             columns["images"] = self.decode(images)
         out = self.reward(prompts, completions, **columns)
-        return {"total": out["total"], "components": out["components"],
-                "accuracy": accuracy_of(out["components"], self.accuracy)}
+        return Scores(out["total"], accuracy_of(out["components"], self.accuracy), out["components"], out["extras"])
 
     def close(self) -> None:
         self.reward.close()

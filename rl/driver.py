@@ -24,7 +24,7 @@ from rl.config import image_tokenizer_path, model_path, validate
 from rl.data.loader import PromptCursor, attach_image_codes, has_images, load_split
 from rl.learner import Learner
 from rl.tracking import Tracker
-from rewards.worker import RewardWorker
+from rewards.worker import RewardWorker, Scores
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger("dllm_rl")
@@ -102,7 +102,7 @@ class Driver:
         with _timer(timing, "reward"):
             scores = self.score(batch)
         with _timer(timing, "adv"):
-            batch.rewards = torch.tensor(scores["total"], dtype=torch.float32)
+            batch.rewards = torch.tensor(scores.total, dtype=torch.float32)
             batch.advantages = group_advantages(batch.rewards, self.G, self.cfg.algorithm.scale_adv_by_std)
         with _timer(timing, "update_actor"):
             actor = self.update(batch)
@@ -121,17 +121,17 @@ class Driver:
         # n answers per prompt: at a sampling temperature one answer each leaves a few points of noise.
         batch, _ = self.generate(rows, n, seed=self.cfg.seed, temperature=self.cfg.rollout.val_temperature)
         scores = self.score(batch)
-        out = {"val/reward/mean": float(sum(scores["total"]) / len(scores["total"])),
-               **accuracies(batch.extras["rows"], scores["accuracy"], "val")}
+        out = {"val/reward/mean": float(sum(scores.total) / len(scores.total)),
+               **accuracies(batch.extras["rows"], scores.accuracy, "val")}
         images = batch.extras["images"]
         has_images = any(x is not None for x in images)
         if has_images and self._reference is None:
             truth = [r.get("image_codes") if x is not None else None for r, x in zip(batch.extras["rows"], images)]
-            self._reference = self.score(batch, truth)["components"]
+            self._reference = self.score(batch, truth).components
         for task in sorted({r["task"] for r in rows}):
             idx = [i for i, r in enumerate(batch.extras["rows"]) if r["task"] == task]
             if any(images[i] is not None for i in idx):
-                for key, values in scores["components"].items():
+                for key, values in scores.components.items():
                     vals = torch.tensor([values[i] for i in idx])
                     if (~vals.isnan()).any():
                         out[f"val/{task}/{key}"] = vals.nanmean().item()
@@ -175,7 +175,7 @@ class Driver:
         )
         return batch, max(p["seconds"] for p in parts)
 
-    def score(self, batch: RolloutBatch, images: list | None = None) -> dict:
+    def score(self, batch: RolloutBatch, images: list | None = None) -> Scores:
         """Rewards of the batch's answers (`images`: other image codes to score in place of the batch's)."""
         rows, completions = batch.extras["rows"], batch.extras["completions"]
         images = batch.extras["images"] if images is None else images
@@ -183,11 +183,7 @@ class Driver:
         bounds = [len(rows) * i // m for i in range(m + 1)]
         futures = [w.score.remote([r["prompt"] for r in rows[lo:hi]], completions[lo:hi], rows[lo:hi], images[lo:hi])
                    for w, lo, hi in zip(self.reward, bounds, bounds[1:]) if hi > lo]
-        parts = self._get(futures, [f"reward-{i}" for i in range(m)])
-        keys = parts[0]["components"]
-        return {"total": [x for p in parts for x in p["total"]],
-                "accuracy": [x for p in parts for x in p["accuracy"]],
-                "components": {k: [x for p in parts for x in p["components"][k]] for k in keys}}
+        return Scores.concat(self._get(futures, [f"reward-{i}" for i in range(m)]))
 
     def update(self, batch: RolloutBatch) -> dict:
         futures = [l.update.remote(batch, self._seed("learner")) for l in self.learners]
@@ -376,8 +372,8 @@ def batch_metrics(batch, scores, gen_length: int, gen_seconds: float, step_secon
         "rollout/tokens_per_step": float(batch.extras["tokens_per_step"].mean()),
         "perf/throughput": (batch.attention_mask.sum().item()) / max(step_seconds, 1e-9),
     }
-    out.update(accuracies(batch.extras.get("rows", []), scores["accuracy"], "train"))
-    for key, values in scores["components"].items():
+    out.update(accuracies(batch.extras.get("rows", []), scores.accuracy, "train"))
+    for key, values in scores.components.items():
         vals = [v for v in values if v == v]  # NaN = not applicable to that row
         if vals:
             out[f"reward/{key}/mean"] = sum(vals) / len(vals)

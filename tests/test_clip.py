@@ -126,9 +126,9 @@ def test_reward_worker_decodes_codes_in_memory_and_scores_them():
         swapped = worker.score([r["prompt"] for r in rows[:2]], ["", ""], rows[:2], [codes[1], codes[0]])
     finally:
         worker.close()
-    clip = out["components"]["clip_score"]
-    assert clip[0] > swapped["components"]["clip_score"][1]  # its own image beats the other caption's image
-    assert math.isnan(out["accuracy"][0]) and out["accuracy"][2] == 1.0
+    clip = out.components["clip_score"]
+    assert clip[0] > swapped.components["clip_score"][1]  # its own image beats the other caption's image
+    assert math.isnan(out.accuracy[0]) and out.accuracy[2] == 1.0
 
 
 def test_vit_l14_shaped_directory_scores_small_images(tmp_path):

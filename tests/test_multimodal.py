@@ -246,6 +246,7 @@ def test_text_answers_of_a_unified_model_draw_text_tokens_only(mm, vq):
 
 def test_batch_metrics_measure_text_lengths_when_image_answers_are_longer():
     from rl.batch import RolloutBatch
+    from rewards.worker import Scores
     from rl.driver import batch_metrics
 
     # gen_length 4, image answers 8 codes: a text answer is clipped when position 3 is still counted.
@@ -257,7 +258,7 @@ def test_batch_metrics_measure_text_lengths_when_image_answers_are_longer():
                          torch.zeros(3, 8, dtype=torch.long), mask, rewards=torch.tensor([0.0, 1.0, 0.5]),
                          extras={"images": [None, None, list(range(8))], "tokens_per_step": torch.ones(3),
                                  "rows": [{"task": "arithmetic"}, {"task": "shapes_qa"}, {"task": "t2i"}]})
-    scores = {"accuracy": [0.0, 1.0, float("nan")], "components": {"clip_score": [float("nan")] * 2 + [40.0]}}
+    scores = Scores([0.0] * 3, [0.0, 1.0, float("nan")], {"clip_score": [float("nan")] * 2 + [40.0]})
     m = batch_metrics(batch, scores, 4, 1.0, 2.0)
     assert m["response_length/clip_ratio"] == 0.5
     assert m["response_length/mean"] == 3.0 and m["response_length/max"] == 4.0

@@ -79,7 +79,7 @@ def test_mmada_layout_one_rollout_rewards_and_update(dirs):
                             {"name": "clip", "weight": 0.1, "key": "clip_score", "tasks": ["t2i"],
                              "kwargs": {"path": str(dirs / "clip")}}], ["math"], str(dirs / "vq"))
     scores = rewards.score([r["prompt"] for r in out["rows"]], out["completions"], out["rows"], out["images"])
-    clip = scores["components"]["clip_score"]
+    clip = scores.components["clip_score"]
     assert np.isnan(clip[:2]).all() and np.isfinite(clip[2:]).all() and -100 <= min(clip[2:]) <= max(clip[2:]) <= 100
 
     from rl.batch import RolloutBatch

@@ -29,8 +29,8 @@ def test_reward_worker_scores_mixed_rows_and_accuracy():
         out = worker.score([r["prompt"] for r in rows], completions, rows)
     finally:
         worker.close()
-    assert out["accuracy"] == [0.0, 1.0, 1.0, 1.0, 1.0]
-    assert out["total"] == [0.5, 2.5, 2.5, 2.5, 2.5]
+    assert out.accuracy == [0.0, 1.0, 1.0, 1.0, 1.0]
+    assert out.total == [0.5, 2.5, 2.5, 2.5, 2.5]
 
 
 def test_accuracy_component_must_exist():
