@@ -126,17 +126,25 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float):
+    """float32 cos/sin [B, 1, T, head_dim] for the given positions, whatever the model's dtype.
+
+    LLaDA's config sets rope_full_precision: its RotaryEmbedding builds sin/cos in float32 (autocast
+    off) and rotates q and k in float32. Rounding sin/cos to bf16 instead moved bf16 logits by up to
+    0.5 against LLaDA's (argmax agreement 99.2 %)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x in float32 and cast back to x's dtype, in LLaDA's order (rope_full_precision:
+    q.float(), (t * cos) + (rotate_half(t) * sin), then .type_as(q)). A no-op cast in float32."""
     # Half-split rotation (not interleaved), the layout LLaDA's rotary embedding uses.
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 class LLaDABlock(nn.Module):
@@ -243,7 +251,7 @@ class LLaDAModelLM(PreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if kv_cache is not None and position_ids.shape[1] == full_T:
             position_ids = position_ids[:, cache_span[0]:cache_span[1]]
-        cos, sin = rope_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         attn_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             attn_mask = attention_mask.bool()[:, None, None, :]  # keys only: attention is bidirectional
