@@ -4,7 +4,7 @@ A masked diffusion LM has no exact sequence likelihood, so every estimator here 
 from a forward pass on a partly masked input. The estimators differ in how they mask (the plan) and
 in how they turn per-token scores into a loss. Learner usage, once per rollout batch:
 
-    est = build_estimator("unigrpo", eps=0.2, beta=0.04, kl="k3", aggregation="token_mean", T=1000)
+    est = build_estimator("unigrpo", eps=0.2, beta=0.04, kl="low_var_kl", aggregation="token_mean", T=1000)
     plans = est.plan(batch, mu, generator)           # mu masked views, fixed for this rollout batch
     with torch.no_grad():
         old = [est.token_logps(policy, batch, p, mask_id) for p in plans] if est.needs_old else [None] * mu
@@ -31,7 +31,7 @@ import torch
 from rl.batch import RolloutBatch
 from rollout.sampler import uniform
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 # verl clamps the log-ratio to this range so one runaway token cannot turn the loss into inf.
 _MAX_LOG_RATIO = 20.0
@@ -111,17 +111,24 @@ K3_MAX = 10.0
 def kl_penalty(logp: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1/k2/k3).
 
-    k3 is bounded as verl's low_var_kl (log-ratio to +-20, value to K3_MAX): it grows as exp(ref -
-    logp), so one token the policy has just pushed 10 nats below the reference (a junk continuation
-    with a negative advantage) would otherwise outweigh the whole batch and spend the clipped
-    gradient of an inner step on itself.
+    k3 = exp(ref - logp) - (ref - logp) - 1, unbounded, exactly as d1 (diffu_grpo_trainer.py) and
+    DiffuCoder (coupled_grpo.py) compute it.
+    low_var_kl is verl's bounded k3 (core_algos.kl_penalty): the log-ratio clamped to +-20, the value
+    to at most K3_MAX. k3 grows as exp(ref - logp), so one token the policy has just pushed 10 nats
+    below the reference (a junk continuation with a negative advantage) would otherwise outweigh the
+    whole batch and spend the clipped gradient of an inner step on itself; the multimodal recipes
+    needed the bound (docs/MULTIMODAL.md). Note verl spells this bounded form "k3" too; here k3 is
+    the authors' plain form and the bound has its own name.
     """
     if kind == "k1":
         return logp - ref
     if kind == "k2":
         return 0.5 * (logp - ref) ** 2
     if kind == "k3":
-        d = (ref - logp).clamp(-20.0, 20.0)
+        d = ref - logp
+        return torch.exp(d) - d - 1
+    if kind == "low_var_kl":
+        d = (ref - logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
         return (torch.exp(d) - d - 1).clamp(max=K3_MAX)
     raise ValueError(f"kl: expected one of {KL_ESTIMATORS}, got {kind!r}")
 
@@ -285,13 +292,15 @@ class UniGRPO(ClippedGRPO):
     masks none of its counted tokens (always when t_1 = 0, which happens with probability 1/T) gets one
     uniformly chosen counted token masked, so every row contributes and the loss is never empty.
     Log-probs are read at masked counted positions only; the loss weights exactly those tokens.
-    Defaults: eps 0.2 (PPO/verl), beta 0.04 and k3 (d1), T 1000 (MMaDA).
+    Defaults: eps 0.2 (PPO/verl), beta 0.04 (d1), kl "low_var_kl" (verl's bounded k3; the multimodal
+    recipes needed the bound, docs/MULTIMODAL.md), T 1000 (MMaDA).
     """
 
     name = "unigrpo"
 
-    def __init__(self, eps: float = 0.2, eps_high: float | None = None, beta: float = 0.04, kl: str = "k3",
-                 aggregation: str = "token_mean", T: int = 1000, mask_id: int | None = None):
+    def __init__(self, eps: float = 0.2, eps_high: float | None = None, beta: float = 0.04,
+                 kl: str = "low_var_kl", aggregation: str = "token_mean", T: int = 1000,
+                 mask_id: int | None = None):
         super().__init__(eps, eps_high, beta, kl, aggregation, mask_id)
         _require(isinstance(T, int) and not isinstance(T, bool) and T >= 1, "T", "an integer >= 1", T)
         self.T = T
@@ -317,7 +326,8 @@ class UniGRPO(ClippedGRPO):
 class DiffuGRPO(ClippedGRPO):
     """d1's diffu-GRPO: prompt masked with p_mask_prompt, answer fully masked, one-step mean-field
     log-prob of every counted answer token; a fresh prompt mask per inner step (random_masking=True).
-    Defaults are d1's: eps 0.5, beta 0.04, k3, p_mask_prompt 0.15, token_mean over counted tokens.
+    Defaults are d1's: eps 0.5, beta 0.04, k3 unbounded (as d1's code), p_mask_prompt 0.15, token_mean
+    over counted tokens.
     """
 
     name = "diffu_grpo"
@@ -343,7 +353,7 @@ class CoupledGRPO(ClippedGRPO):
     (without the full view, just the coupled term). Old/ref/current all use this same combination,
     then the clipped GRPO loss over all counted tokens. Their Dream-based model shifts logits by one
     position; LLaDA predicts each position in place, so no shift here. Defaults from their
-    config_coupled_code.yaml: eps 0.5, beta 0.01.
+    config_coupled_code.yaml and trainer: eps 0.5, beta 0.01, k3 unbounded, token_mean.
     """
 
     name = "coupled_grpo"

@@ -138,14 +138,39 @@ def test_kl_estimators():
     assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.tensor([math.exp(-1), 0.0]))
 
 
-def test_k3_is_bounded_like_verls_low_var_kl():
+def test_low_var_kl_is_verls_bounded_k3():
     # A token 12 nats below the reference would give exp(12) ~ 1.6e5 and a gradient to match.
-    logp = torch.tensor([-14.0, -3.0, -2.0], requires_grad=True)
-    ref = torch.tensor([-2.0, -2.0, -2.0])
-    kl = kl_penalty(logp, ref, "k3")
-    assert torch.allclose(kl, torch.tensor([10.0, math.exp(1) - 2, 0.0]))
+    logp = torch.tensor([-14.0, -3.0, -2.0, -40.0], requires_grad=True)
+    ref = torch.tensor([-2.0, -2.0, -2.0, -2.0])
+    kl = kl_penalty(logp, ref, "low_var_kl")
+    assert torch.allclose(kl, torch.tensor([10.0, math.exp(1) - 2, 0.0, 10.0]))
     kl.sum().backward()
-    assert logp.grad[0] == 0 and logp.grad[1] == pytest.approx(-(math.exp(1) - 1))
+    assert logp.grad[0] == 0 and logp.grad[1] == pytest.approx(-(math.exp(1) - 1)) and logp.grad[3] == 0
+
+
+def test_k3_is_the_unbounded_d1_diffucoder_form():
+    # d1 and DiffuCoder: exp(ref - logp) - (ref - logp) - 1, no clamp, at a log-ratio of 12 nats too.
+    logp = torch.tensor([-14.0, -3.0, -2.0, -1.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.full((4,), -2.0, dtype=torch.float64)
+    kl = kl_penalty(logp, ref, "k3")
+    hand = [math.exp(r - lp) - (r - lp) - 1 for lp, r in zip(logp.tolist(), ref.tolist())]
+    assert kl.tolist() == pytest.approx(hand, rel=1e-12)
+    assert kl[0].item() == pytest.approx(math.exp(12) - 13) and kl[0].item() > 1e5
+    kl.sum().backward()  # d/dlogp = 1 - exp(ref - logp): unbounded too
+    assert logp.grad.tolist() == pytest.approx([1 - math.exp(r - lp) for lp, r in zip([-14.0, -3.0, -2.0, -1.0], ref.tolist())])
+
+
+def _algorithm_conf(name):
+    import yaml
+    from pathlib import Path
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "algorithm" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name, kl", [("unigrpo", "low_var_kl"), ("diffu_grpo", "k3"), ("coupled_grpo", "k3")])
+def test_kl_estimator_defaults_per_algorithm(name, kl):
+    """UniGRPO keeps verl's bound (the multimodal recipes needed it); d1 and DiffuCoder do not cap."""
+    assert build_estimator(name).kl == kl
+    assert _algorithm_conf(name)["hyper"]["kl"] == kl
 
 
 def test_aggregations():
@@ -266,7 +291,8 @@ def _hand_grpo(batch, plan_mask, new, old, ref, A, eps, beta, kl, per_token=None
             if beta:
                 r_ = ref(b, j)
                 d = min(max(r_ - n, -20.0), 20.0)
-                pen = {"k1": n - r_, "k2": 0.5 * (n - r_) ** 2, "k3": min(math.exp(d) - d - 1, 10.0)}[kl]  # verl's bound
+                pen = {"k1": n - r_, "k2": 0.5 * (n - r_) ** 2, "k3": math.exp(r_ - n) - (r_ - n) - 1,
+                       "low_var_kl": min(math.exp(d) - d - 1, 10.0)}[kl]  # verl's bound
             row.append(-surr + beta * pen)
         toks += row
         if row:
@@ -274,7 +300,7 @@ def _hand_grpo(batch, plan_mask, new, old, ref, A, eps, beta, kl, per_token=None
     return sum(toks) / len(toks), sum(rows) / len(rows)
 
 
-@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3", "low_var_kl"])
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
 def test_unigrpo_loss_matches_hand_computation(kl, aggregation):
     batch = make_batch()
