@@ -4,7 +4,7 @@ A masked diffusion LM has no exact sequence likelihood, so every estimator here 
 from a forward pass on a partly masked input. The estimators differ in how they mask (the plan) and
 in how they turn per-token scores into a loss. Learner usage, once per rollout batch:
 
-    est = build_estimator("unigrpo", eps=0.2, beta=0.04, kl="low_var_kl", aggregation="token_mean", T=1000)
+    est = build_estimator("unigrpo", eps=0.2, beta=0.04, kl="low_var_kl", aggregation="seq_mean_token_mean")
     plans = est.plan(batch, mu, generator)           # mu masked views, fixed for this rollout batch
     with torch.no_grad():
         old = [est.token_logps(policy, batch, p, mask_id) for p in plans] if est.needs_old else [None] * mu
@@ -292,14 +292,24 @@ class UniGRPO(ClippedGRPO):
     masks none of its counted tokens (always when t_1 = 0, which happens with probability 1/T) gets one
     uniformly chosen counted token masked, so every row contributes and the loss is never empty.
     Log-probs are read at masked counted positions only; the loss weights exactly those tokens.
+
+    Normalisation, MMaDA eq. 5: J = 1/G sum_i 1/|o_i| sum_{t=1}^{|o_i|} (clipped term - beta KL), the
+    mean over answers of each answer's token mean (aggregation="seq_mean_token_mean", the default).
+    The paper defines the per-token likelihood pi'(o_{i,t}) with an indicator that o_{i,t} is masked,
+    averages the sequence log-likelihood over the masked set M (1/|M| sum over M), and Algorithm 1
+    (line 16) estimates log-probs "of masked tokens in o_i at t_n": the per-token terms exist only on
+    masked tokens, so |o_i| here is the number of masked counted answer tokens of o_i at that inner
+    step, the tokens the sum runs over, as in the paper's 1/|M|. (Read literally as the full answer
+    length, |o_i| would scale each inner step's loss by its masking ratio t_n/T; the paper never says
+    so.) aggregation="token_mean" pools all masked tokens of the batch instead (d1, DiffuCoder, verl).
     Defaults: eps 0.2 (PPO/verl), beta 0.04 (d1), kl "low_var_kl" (verl's bounded k3; the multimodal
-    recipes needed the bound, docs/MULTIMODAL.md), T 1000 (MMaDA).
+    recipes needed the bound, docs/MULTIMODAL.md), seq_mean_token_mean (MMaDA eq. 5), T 1000 (MMaDA).
     """
 
     name = "unigrpo"
 
     def __init__(self, eps: float = 0.2, eps_high: float | None = None, beta: float = 0.04,
-                 kl: str = "low_var_kl", aggregation: str = "token_mean", T: int = 1000,
+                 kl: str = "low_var_kl", aggregation: str = "seq_mean_token_mean", T: int = 1000,
                  mask_id: int | None = None):
         super().__init__(eps, eps_high, beta, kl, aggregation, mask_id)
         _require(isinstance(T, int) and not isinstance(T, bool) and T >= 1, "T", "an integer >= 1", T)

@@ -157,7 +157,7 @@ def test_k3_is_the_unbounded_d1_diffucoder_form():
     assert kl.tolist() == pytest.approx(hand, rel=1e-12)
     assert kl[0].item() == pytest.approx(math.exp(12) - 13) and kl[0].item() > 1e5
     kl.sum().backward()  # d/dlogp = 1 - exp(ref - logp): unbounded too
-    assert logp.grad.tolist() == pytest.approx([1 - math.exp(r - lp) for lp, r in zip([-14.0, -3.0, -2.0, -1.0], ref.tolist())])
+    assert logp.grad.tolist() == pytest.approx([1 - math.exp(-2.0 - lp) for lp in (-14.0, -3.0, -2.0, -1.0)])
 
 
 def _algorithm_conf(name):
@@ -336,10 +336,41 @@ def test_beta_zero_is_exactly_clipped_surrogate_and_skips_ref():
         old = est.token_logps(old_m, batch, plan, MASK)
     loss, _ = est.loss(batch, plan, est.token_logps(policy, batch, plan, MASK), old, None)
     y = batch.answer_ids.tolist()
-    tm, _ = _hand_grpo(batch, plan.score[0].tolist(), lambda b, j: policy.masked_logp(P + j, y[b][j]),
+    _, sm = _hand_grpo(batch, plan.score[0].tolist(), lambda b, j: policy.masked_logp(P + j, y[b][j]),
                        lambda b, j: old_m.masked_logp(P + j, y[b][j]), None, batch.advantages.tolist(),
                        0.2, 0.0, "k3")
-    assert loss.item() == pytest.approx(tm, abs=1e-6)
+    assert loss.item() == pytest.approx(sm, abs=1e-6)  # the default is MMaDA eq. 5's per-answer mean
+
+
+def test_unigrpo_default_normalisation_is_mmada_eq5():
+    """MMaDA eq. 5: 1/G sum_i 1/|o_i| sum_t, with |o_i| the masked answer tokens of o_i at this inner
+    step. Two answers: o_0 has 3 masked tokens at ratios 1.1, 0.9, 1.0 (A = +1), o_1 one masked token
+    at ratio 1.1 (A = -1, clipped side: min(-1.1, -1.1) = -1.1). Answer means: -(1.1 + 0.9 + 1.0)/3 = -1
+    and +1.1, so eq. 5 gives (-1 + 1.1) / 2 = 0.05; pooling the 4 tokens would give (-3 + 1.1)/4 = -0.475."""
+    est = build_estimator("unigrpo", beta=0.0)
+    assert est.aggregation == "seq_mean_token_mean"
+    assert _algorithm_conf("unigrpo")["hyper"]["aggregation"] == "seq_mean_token_mean"
+    batch = make_batch(advantages=(1.0, -1.0, 0.0, 0.0))
+    batch.answer_mask[2:] = 0  # rows 2 and 3 have no counted token: left out of the mean over answers
+    plan = hand_plan(batch, [[[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]])
+    new = torch.zeros(1, 4, L)
+    new[0, 0, :3] = torch.log(torch.tensor([1.1, 0.9, 1.0]))
+    new[0, 1, 0] = math.log(1.1)
+    loss, _ = est.loss(batch, plan, TokenLogps(new), TokenLogps(torch.zeros(1, 4, L)))
+    assert loss.item() == pytest.approx(0.05, abs=1e-6)
+    pooled, _ = build_estimator("unigrpo", beta=0.0, aggregation="token_mean").loss(
+        batch, plan, TokenLogps(new), TokenLogps(torch.zeros(1, 4, L)))
+    assert pooled.item() == pytest.approx(-0.475, abs=1e-6)
+    # With the KL term (beta 0.04, low_var_kl): each answer's mean of (clip term + beta * k3).
+    ref = torch.zeros(1, 4, L)
+    ref[0, 0, 0], ref[0, 1, 0] = 0.5, -0.3
+    k3 = lambda lp, r: math.exp(r - lp) - (r - lp) - 1  # noqa: E731
+    kl0 = (k3(math.log(1.1), 0.5) + k3(math.log(0.9), 0.0) + k3(0.0, 0.0)) / 3
+    kl1 = k3(math.log(1.1), -0.3)
+    est_kl = build_estimator("unigrpo")
+    loss, m = est_kl.loss(batch, plan, TokenLogps(new), TokenLogps(torch.zeros(1, 4, L)), TokenLogps(ref))
+    assert loss.item() == pytest.approx(0.05 + 0.04 * (kl0 + kl1) / 2, abs=1e-6)
+    assert m["kl_loss"] == pytest.approx((kl0 + kl1) / 2, abs=1e-6)
 
 
 def test_clipfrac_and_ppo_kl():
