@@ -132,7 +132,8 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float):
     LLaDA's config sets rope_full_precision: its RotaryEmbedding builds sin/cos in float32 (autocast
     off) and rotates q and k in float32. Rounding sin/cos to bf16 instead moved bf16 logits by up to
     0.5 against LLaDA's (argmax agreement 99.2 %)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    dims = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (dims / head_dim))
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, hd]
     return emb.cos(), emb.sin()
