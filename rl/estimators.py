@@ -363,7 +363,8 @@ class CoupledGRPO(ClippedGRPO):
     (without the full view, just the coupled term). Old/ref/current all use this same combination,
     then the clipped GRPO loss over all counted tokens. Their Dream-based model shifts logits by one
     position; LLaDA predicts each position in place, so no shift here. Defaults from their
-    config_coupled_code.yaml and trainer: eps 0.5, beta 0.01, k3 unbounded, token_mean.
+    config_coupled_code.yaml and trainer: eps 0.5, beta 0.01, k3 unbounded, token_mean. Their
+    advantage is leave-one-out without std scaling (rl.advantages, adv_baseline: leave_one_out).
     """
 
     name = "coupled_grpo"

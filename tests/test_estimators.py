@@ -121,8 +121,34 @@ def test_group_advantages_std_on_and_off():
     assert torch.equal(group_advantages(r, 1), torch.zeros(8))
 
 
+def test_group_advantages_leave_one_out_is_diffucoders():
+    """DiffuCoder's coupled-GRPO: b_i = (sum_g r - r_i) / (G - 1), no G/(G-1) factor, no std by default."""
+    r = torch.tensor([1.0, 0.0, 2.0, 0.0, 3.0, 3.0, 3.0, 3.0])
+    # group 1: sum 3, baselines 2/3, 1, 1/3, 1; group 2: identical rewards, so 0
+    loo = [1 - 2 / 3, 0 - 1.0, 2 - 1 / 3, 0 - 1.0, 0, 0, 0, 0]
+    got = group_advantages(r, 4, scale_by_std=False, baseline="leave_one_out")
+    assert got.tolist() == pytest.approx(loo, abs=1e-6)
+    # = G/(G-1) times the mean-centred advantage: the only difference from baseline="mean"
+    assert torch.allclose(got, group_advantages(r, 4, scale_by_std=False) * 4 / 3, atol=1e-6)
+    std = math.sqrt((0.25 ** 2 + 0.75 ** 2 + 1.25 ** 2 + 0.75 ** 2) / 3)  # unbiased, as DiffuCoder's torch.std
+    scaled = group_advantages(r, 4, scale_by_std=True, baseline="leave_one_out")
+    assert scaled.tolist() == pytest.approx([a / (std + 1e-4) for a in loo[:4]] + [0.0] * 4, abs=1e-6)
+    assert torch.equal(group_advantages(r, 1, baseline="leave_one_out"), torch.zeros(8))
+
+
+@pytest.mark.parametrize("name, baseline, scale", [
+    ("coupled_grpo", "leave_one_out", False), ("unigrpo", "mean", True), ("diffu_grpo", "mean", False),
+    ("wd1", "mean", False), ("spg", "mean", False),
+])
+def test_algorithm_advantage_defaults(name, baseline, scale):
+    """coupled_grpo trains on DiffuCoder's advantage (scale_rewards: false, leave-one-out)."""
+    conf = _algorithm_conf(name)
+    assert conf["adv_baseline"] == baseline and conf["scale_adv_by_std"] is scale
+
+
 @pytest.mark.parametrize("kwargs, key", [
     (dict(group_size=3), "group_size"), (dict(group_size=0), "group_size"), (dict(group_size=2, eps=-1.0), "eps"),
+    (dict(group_size=2, baseline="median"), "adv_baseline"),
 ])
 def test_group_advantages_errors(kwargs, key):
     with pytest.raises(ValueError, match=key):
