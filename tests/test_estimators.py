@@ -419,6 +419,26 @@ def test_clipfrac_and_ppo_kl():
     assert loss1.item() == pytest.approx(0.0) and m1["ppo_kl"] == 0.0
 
 
+def test_eps_high_is_the_upper_clip():
+    """Asymmetric clipping (DAPO's clip-higher): 1 - eps below, 1 + eps_high above."""
+    batch = make_batch(advantages=(1.0, 1.0, -1.0, -1.0))
+    batch.answer_mask = torch.tensor([[1, 1, 0, 0]] * 4, dtype=torch.float)
+    plan = hand_plan(batch, [[[1, 1, 1, 1]] * 4])
+    ratios = [[1.25, 1.35], [1.1, 1.0], [0.75, 1.25], [0.9, 1.3]]
+    new = torch.zeros(1, 4, L)
+    new[0, :, :2] = torch.log(torch.tensor(ratios))
+    for name in ("unigrpo", "diffu_grpo"):
+        est = build_estimator(name, eps=0.2, eps_high=0.28, beta=0.0, aggregation="token_mean")
+        loss, m = est.loss(batch, plan, TokenLogps(new), TokenLogps(torch.zeros(1, 4, L)))
+        # A>0: 1.25 is inside [0.8, 1.28] (a symmetric 0.2 would clip it), 1.35 clips to 1.28.
+        # A<0: 0.75 clips to 0.8; 1.25 and 1.3 are past the upper bound but the unclipped branch is smaller.
+        surr = [min(r * a, min(max(r, 0.8), 1.28) * a) for row, a in zip(ratios, (1, 1, -1, -1)) for r in row]
+        assert surr[0] == pytest.approx(1.25)
+        assert loss.item() == pytest.approx(-sum(surr) / 8, abs=1e-6)
+        assert m["pg_clipfrac"] == pytest.approx(2 / 8)  # 1.35 (A>0) and 0.75 (A<0)
+        assert build_estimator(name, eps=0.2).eps_high == 0.2  # unset: symmetric
+
+
 # ---------------------------------------------------------------- siblings
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -618,6 +638,68 @@ def test_spg_block_plan_structure():
     full = build_estimator("spg", block_length=bl, p_mask_prompt=1.0).plan(batch, 5, torch.Generator())
     for plan in full:
         assert plan.noise[:, :, 1:3].all() and not plan.noise[:, :, 0].any()
+
+
+def _spg_full_row_batch(bl=4, La=16, lengths=(16, 16, 11, 16)):
+    return RolloutBatch(
+        prompt_ids=torch.arange(12).view(4, 3) % 5, prompt_mask=torch.tensor([[0, 1, 1]] * 4),
+        answer_ids=torch.ones(4, La, dtype=torch.long),
+        answer_mask=torch.tensor([[1.0] * n + [0.0] * (La - n) for n in lengths]), advantages=torch.zeros(4),
+    )
+
+
+def test_spg_masks_earlier_answer_blocks_as_context():
+    """SPG's block_random masks the clean context, earlier answer blocks included, with p_mask_prompt.
+    With p_mask_prompt = 1 and one token of block k masked (min_t = max_t = 0 gives m = 1), the only
+    clean answer tokens are the other n_k - 1 of block k: every earlier block is masked."""
+    bl, lengths = 4, (16, 16, 11, 16)
+    batch = _spg_full_row_batch(bl, lengths=lengths)
+    est = build_estimator("spg", block_length=bl, num_t=2, p_mask_prompt=1.0, min_t=0.0, max_t=0.0)
+    ks = set()
+    for plan in est.plan(batch, 30, torch.Generator().manual_seed(0)):
+        for v in range(2):
+            for b, c in enumerate(lengths):
+                ans = plan.noise[v, b, 3:].tolist()
+                clean = [j for j in range(16) if not ans[j]]
+                k = clean[0] // bl if clean else (c - 1) // bl  # a one-token block is masked whole
+                ks.add(k)
+                n = min(bl, c - k * bl)
+                assert len(clean) == n - 1 and all(j // bl == k for j in clean)
+                assert all(ans[: k * bl])  # earlier blocks: context, masked with p_mask_prompt = 1
+    assert {1, 2, 3} <= ks  # earlier blocks exist in many views
+    # And with p_mask_prompt = 0 earlier blocks stay clean: the masking above is the context's.
+    est0 = build_estimator("spg", block_length=bl, num_t=2, p_mask_prompt=0.0, min_t=0.0, max_t=0.0)
+    for plan in est0.plan(batch, 10, torch.Generator().manual_seed(0)):
+        for v in range(2):
+            ans = plan.noise[v, 0, 3:].tolist()
+            k = ans.index(True) // bl
+            assert sum(ans[k * bl:(k + 1) * bl]) == 1 and not any(ans[: k * bl]) and all(ans[(k + 1) * bl:])
+
+
+def test_spg_block_mask_count_reaches_the_whole_block():
+    """m is uniform on [max(floor(n min_t), 1), min(floor(n max_t), n)], both ends included (SPG's
+    torch.randint(start, end + 1)): with min_t 0 and max_t 1 a full block of 4 gets 1, 2, 3 and 4 masked
+    tokens, and with min_t = max_t = 1 always the whole block."""
+    bl = 4
+    batch = _spg_full_row_batch(bl)
+    counts = {b: set() for b in range(4)}
+    est = build_estimator("spg", block_length=bl, num_t=2, p_mask_prompt=0.0)
+    for plan in est.plan(batch, 60, torch.Generator().manual_seed(3)):
+        for v in range(2):
+            for b in range(4):
+                ans = plan.noise[v, b, 3:].tolist()
+                k = ans.index(True) // bl
+                n = min(bl, int(batch.answer_mask[b].sum()) - k * bl)
+                counts[b].add((n, sum(ans[k * bl: k * bl + n])))
+    for b in (0, 1, 3):
+        assert {m for n, m in counts[b] if n == 4} == {1, 2, 3, 4}
+    whole = build_estimator("spg", block_length=bl, num_t=2, p_mask_prompt=0.0, min_t=1.0, max_t=1.0)
+    for plan in whole.plan(batch, 10, torch.Generator().manual_seed(4)):
+        for v in range(2):
+            for b in range(4):
+                ans = plan.noise[v, b, 3:].tolist()
+                k = ans.index(True) // bl
+                assert all(ans[k * bl:])  # the whole block k (and all after it) masked
 
 
 # ---------------------------------------------------------------- configuration errors
