@@ -3,13 +3,14 @@
 The toy model's logits at a position depend only on the token there and its index, so a masked
 answer token's log-prob is known in closed form (computed here with plain Python math).
 """
-import copy
 import math
 from fractions import Fraction
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from rl.advantages import group_advantages
 from rl.batch import RolloutBatch
@@ -187,8 +188,6 @@ def test_k3_is_the_unbounded_d1_diffucoder_form():
 
 
 def _algorithm_conf(name):
-    import yaml
-    from pathlib import Path
     return yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "algorithm" / f"{name}.yaml").read_text())
 
 
@@ -390,7 +389,9 @@ def test_unigrpo_default_normalisation_is_mmada_eq5():
     # With the KL term (beta 0.04, low_var_kl): each answer's mean of (clip term + beta * k3).
     ref = torch.zeros(1, 4, L)
     ref[0, 0, 0], ref[0, 1, 0] = 0.5, -0.3
-    k3 = lambda lp, r: math.exp(r - lp) - (r - lp) - 1  # noqa: E731
+    def k3(lp, r):
+        return math.exp(r - lp) - (r - lp) - 1
+
     kl0 = (k3(math.log(1.1), 0.5) + k3(math.log(0.9), 0.0) + k3(0.0, 0.0)) / 3
     kl1 = k3(math.log(1.1), -0.3)
     est_kl = build_estimator("unigrpo")
@@ -548,7 +549,7 @@ def test_wd1_matches_hand_computation():
     assert plan.noise[0, :, P:].all()
     lp = -torch.rand(1, 4, L, generator=torch.Generator().manual_seed(1)) * plan.score
     lp.requires_grad_(True)
-    loss, m = est.loss(batch, plan, TokenLogps(lp))
+    loss, _ = est.loss(batch, plan, TokenLogps(lp))
     S = [sum(lp[0, b, j].item() for j in range(L) if batch.answer_mask[b, j] > 0) for b in range(4)]
     A = [a / 0.5 for a in batch.advantages.tolist()]
     groups = []
