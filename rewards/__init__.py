@@ -6,7 +6,7 @@ rewards.registry for the contract. No Ray here: a Ray reward actor wraps `Weight
 from rewards.combine import PRESETS, RewardSpec, WeightedReward, preset
 from rewards.countdown import CountdownReward, countdown_score, evaluate_equation
 from rewards.format import FormatReward, format_score
-from rewards.math_reward import MathReward, extract_answer, sanitize_answer, verify_answer
+from rewards.math_reward import MathReward, extract_answer, normalize_answer, sanitize_answer, verify_answer
 from rewards.registry import Reward, RewardResult, available_rewards, build_reward, load_reward, register_reward
 from rewards.sandbox import JobResult, SubprocessPool
 
@@ -14,7 +14,7 @@ __all__ = [
     "PRESETS", "RewardSpec", "WeightedReward", "preset",
     "CountdownReward", "countdown_score", "evaluate_equation",
     "FormatReward", "format_score",
-    "MathReward", "extract_answer", "sanitize_answer", "verify_answer",
+    "MathReward", "extract_answer", "normalize_answer", "sanitize_answer", "verify_answer",
     "Reward", "RewardResult", "available_rewards", "build_reward", "load_reward", "register_reward",
     "JobResult", "SubprocessPool",
 ]

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from rewards import CountdownReward, FormatReward, MathReward, SubprocessPool, WeightedReward, extract_answer, sanitize_answer
+from rewards import (
+    CountdownReward, FormatReward, MathReward, SubprocessPool, WeightedReward, extract_answer, normalize_answer, sanitize_answer,
+)
 from rewards.math_reward import _parse_gold, verify_answer, warm_up
 
 HANG = "$9^{9^{9}}$"  # math-verify with its timeouts off spends minutes in sympy on this
@@ -131,6 +133,9 @@ def test_no_model_text_with_letters_reaches_eval():
         "lambda: 1 + 2*(3-4)/5^2",
         "1.5E10 + 3,000.25 - 7 ÷ 2 × 3",
         "\\frac{1}{2} + 0.5",
+        # What normalize_answer produces from full-width, Arabic-Indic, superscript and e-notation text.
+        normalize_answer("１０００ + ٤٢ × 4² - 2.5e-4"),
+        normalize_answer("ｅｘｅｃ(ｂｙｔｅｓ((49,)))"),
     ]
     # A first pass does sympy's lazy imports (sympy.physics.units sympifies its own constant names
     # at import time); then math-verify's caches are emptied so the second pass parses afresh.
@@ -187,6 +192,42 @@ def test_math_reward_rejects_bad_input_early():
     with pytest.raises(ValueError, match="answer_tag must be a tag name"):
         MathReward(answer_tag="<answer>")
     assert reward._pool is None, "building or validating a reward must not start a worker"
+
+
+def test_numbers_are_normalized_before_the_sanitizer():
+    assert normalize_answer("1e3") == "1E3" and normalize_answer("2.5e-4") == "2.5E-4"
+    # Euler's number and names keep their lower-case e.
+    for kept in ["2e", "e^3", "x1e3", "1e3x", "\\frac{e}{2}"]:
+        assert normalize_answer(kept) == kept
+    assert normalize_answer("４２") == "42"  # full-width (NFKC)
+    assert normalize_answer("٤٢") == "42" and normalize_answer("۴۲") == "42"  # Arabic-Indic, Eastern (not NFKC)
+    assert normalize_answer("٣٫٥") == "3.5"
+    # Scripts become exponents and indices before NFKC, which would make 4² into 42.
+    assert normalize_answer("4²") == "4^{2}" and normalize_answer("10⁻³") == "10^{-3}" and normalize_answer("x₂") == "x_{2}"
+    # Normalizing never lets code past the sanitizer: full-width code is plain code after NFKC.
+    for hostile in ["ｅｘｅｃ(1)", "＿＿import＿＿('os')", "＇1＇", "1½"]:
+        assert sanitize_answer(normalize_answer(hostile)) is None, hostile
+    # Too long: left as is, for the sanitizer to refuse, with no NFKC work spent on it.
+    assert normalize_answer("４" * 1001) == "４" * 1001
+    assert sanitize_answer(normalize_answer("４" * 1001)) is None
+
+
+def test_math_reward_matches_exponents_unicode_digits_and_superscripts(pool):
+    reward = MathReward(pool=pool)
+    cases = [
+        ("1e3", "1000", 1.0),
+        ("1E3", "1000", 1.0),
+        ("2.5e-4", "0.00025", 1.0),
+        ("１０００", "1000", 1.0),
+        ("٤٢", "42", 1.0),
+        ("۴۲", "42", 1.0),
+        ("4²", "16", 1.0),
+        ("4²", "42", 0.0),
+        ("10⁻³", "0.001", 1.0),
+        ("42", "٤٢", 1.0),  # the ground truth is normalized the same way
+    ]
+    completions = [f"<answer>{a}</answer>" for a, _, _ in cases]
+    assert reward(None, completions, answer=[g for _, g, _ in cases]) == [s for _, _, s in cases]
 
 
 # ---- the worker pool ---------------------------------------------------------------------------------
