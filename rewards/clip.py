@@ -9,14 +9,20 @@ None = no image, NaN = does not apply) against the prompt, which for text-to-ima
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from rewards._common import check_batch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only when a CLIP model is built: `import rewards` happens in every math-verify
+# worker process (rewards.sandbox), where torch would add seconds to each start and restart.
 
 TINY_CLIP = Path(__file__).resolve().parents[1] / "recipes" / "assets" / "tiny-clip"
 
@@ -41,7 +47,8 @@ def check_clip_dir(path: str | Path) -> Path:
 
 
 def _pixels(image: Any, index: int) -> np.ndarray:
-    if isinstance(image, torch.Tensor):
+    torch = sys.modules.get("torch")  # an image can only be a tensor if torch is loaded
+    if torch is not None and isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     image = np.asarray(image)
     # A float or channels-first array would be silently misread by the processor (rescaled by 1/255
@@ -70,9 +77,16 @@ class ClipScorer:
         self.device, self.batch_size = device, batch_size
         self.max_length = self.model.config.text_config.max_position_embeddings
 
-    @torch.no_grad()
     def embed(self, images: Sequence[Any], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm float32 image and text embeddings, on CPU (one processor call: batch it yourself)."""
+        import torch
+
+        with torch.no_grad():
+            return self._embed(images, texts)
+
+    def _embed(self, images: Sequence[Any], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         inputs = self.processor(text=list(texts), images=[_pixels(im, i) for i, im in enumerate(images)],
                                 return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
