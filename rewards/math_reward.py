@@ -31,8 +31,10 @@ number) but `1E3` as 1000. Only a bare number directly followed by `e` and digit
 
 Timeouts. math-verify's own timeouts use `signal.alarm`, which fails off the main thread (Ray actor
 threads), so they are disabled (`parsing_timeout=None`, `timeout_seconds=None`) and every answer
-is verified in a `SubprocessPool` worker that is killed when it overruns `timeout_s`. A timed-out,
-crashed or raising verification scores `failure_score` and is counted; it never hangs the caller.
+is verified in a `SubprocessPool` worker that is killed when it overruns `timeout_s`; a spare
+worker takes over at once. A whole call is bounded by `batch_timeout_s`: answers not verified by
+then are cut off. A timed-out, crashed, raising or cut-off verification scores `failure_score` and
+is counted; it never hangs the caller.
 """
 from __future__ import annotations
 
@@ -165,10 +167,13 @@ class MathReward:
     Call: `reward(prompts, completions, **columns) -> list[float]`; the ground truth is read from
     column `ground_truth` or, failing that, `answer` (a string or number per completion). A
     completion with no answer span, or one refused by `sanitize_answer`, scores `incorrect_score`;
-    a verification that times out, crashes its worker or raises scores `failure_score`.
+    a verification that times out, crashes its worker, raises or is cut off by `batch_timeout_s`
+    scores `failure_score`.
 
-    `timeout_s` bounds each answer's verification; `max_answer_chars` the span handed to
-    math-verify. The worker process (capped at `memory_limit_mb`) starts on the first call; pass
+    `timeout_s` bounds each answer's verification; `batch_timeout_s` a whole call (None: 4 x
+    `timeout_s` plus 0.1 s per answer to verify, so that a large batch of ordinary answers, a few
+    ms each, is never cut off while 8 hanging ones cost 20 s, not 8 x 5 s); `max_answer_chars` the
+    span handed to math-verify. The worker process (capped at `memory_limit_mb`) starts on the first call; pass
     `pool` to share one worker between rewards (its memory cap then applies). `close()` stops it.
     """
 
@@ -182,6 +187,7 @@ class MathReward:
         incorrect_score: float = 0.0,
         failure_score: float = 0.0,
         timeout_s: float = 5.0,
+        batch_timeout_s: float | None = None,
         max_answer_chars: int = 1000,
         memory_limit_mb: int | None = 4096,
         pool: SubprocessPool | None = None,
@@ -196,6 +202,13 @@ class MathReward:
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise ValueError(f"MathReward: timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
+        if batch_timeout_s is not None and not (
+            isinstance(batch_timeout_s, (int, float)) and not isinstance(batch_timeout_s, bool) and batch_timeout_s > 0
+        ):
+            raise ValueError(
+                f"MathReward: batch_timeout_s must be a positive number of seconds or None, got {batch_timeout_s!r}"
+            )
+        self.batch_timeout_s = None if batch_timeout_s is None else float(batch_timeout_s)
         if not (isinstance(max_answer_chars, int) and max_answer_chars > 0):
             raise ValueError(f"MathReward: max_answer_chars must be a positive int, got {max_answer_chars!r}")
         self.max_answer_chars = max_answer_chars
@@ -220,9 +233,11 @@ class MathReward:
     @property
     def counters(self) -> dict[str, int]:
         """calls (completions scored), no_answer, rejected (by the sanitizer), and the worker's
-        timeouts, crashes, errors and restarts (shared with other users of an injected pool)."""
+        timeouts, crashes, errors, over_budget (cut off by `batch_timeout_s`) and restarts (shared
+        with other users of an injected pool)."""
         pool = self._pool.counters if self._pool is not None else {}
-        return {**self._counts, **{k: pool.get(k, 0) for k in ("timeouts", "crashes", "errors", "restarts")}}
+        keys = ("timeouts", "crashes", "errors", "over_budget", "restarts")
+        return {**self._counts, **{k: pool.get(k, 0) for k in keys}}
 
     def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
         n = check_batch(self.name, prompts, completions, columns)
@@ -242,7 +257,9 @@ class MathReward:
             jobs.append((i, clean))
         self._counts["calls"] += n
         if jobs:
-            results = self.pool.run(verify_answer, [(span, golds[i]) for i, span in jobs], timeout_s=self.timeout_s)
+            budget = self.batch_timeout_s or 4 * self.timeout_s + 0.1 * len(jobs)
+            results = self.pool.run(verify_answer, [(span, golds[i]) for i, span in jobs], timeout_s=self.timeout_s,
+                                    batch_timeout_s=budget)
             for (i, _), result in zip(jobs, results):
                 if result.status != "ok":
                     scores[i] = self.failure_score
