@@ -4,7 +4,7 @@
 tiny CLIP, recipes/build_tiny_clip.py, or e.g. a downloaded openai/clip-vit-large-patch14) and scores
 in-memory uint8 images against texts: 100 x cosine of the image and text embeddings, in batches.
 `ClipReward` is the built-in reward `clip`: it scores column `images` (decoded by the reward worker;
-None = no image, NaN = does not apply) against the prompt, which for text-to-image is the caption.
+None = no image, scored None: does not apply) against the prompt, which for text-to-image is the caption.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class ClipReward:
     """Reward `clip`: `scale` x CLIP score of `images[i]` against `prompts[i]` (MMaDA weights it 0.1).
 
     Call: `reward(prompts, completions, **columns) -> list[float]`. Column `images` holds one uint8
-    [H, W, 3] array per sample, or None where the sample has no image (scored NaN: does not apply).
+    [H, W, 3] array per sample, or None where the sample has no image (scored None: does not apply).
     Completions are not read (an image sample's completion is empty text). `path` None = the shipped
     tiny CLIP; the model is loaded here, so a wrong path fails when the reward is built.
     """
@@ -130,7 +130,8 @@ class ClipReward:
         self.scale = float(scale)
         self.scorer = ClipScorer(path, device, batch_size)
 
-    def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
+    def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str],
+                 **columns: Sequence[Any]) -> list[float | None]:
         n = check_batch(self.name, prompts, completions, columns)
         if "images" not in columns:
             raise ValueError(
@@ -142,7 +143,7 @@ class ClipReward:
             if prompts is None or not isinstance(prompts[i], str):
                 got = "prompts is None" if prompts is None else f"prompts[{i}] is {type(prompts[i]).__name__}"
                 raise ValueError(f"reward 'clip' scores images[{i}] against its prompt (the caption), but {got}")
-        scores = [math.nan] * n
+        scores: list[float | None] = [None] * n
         if idx:
             for i, s in zip(idx, self.scorer([images[i] for i in idx], [prompts[i] for i in idx])):
                 scores[i] = self.scale * s

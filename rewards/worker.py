@@ -3,7 +3,7 @@ actor; the class is plain Python. Every math-verify call inside already has its 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +61,13 @@ class Scores:
 
 
 class RewardWorker:
-    def __init__(self, functions: list[dict], accuracy: Sequence[str], image_tokenizer: str | None = None):
-        self.reward = WeightedReward(functions)
+    """`functions`: reward specs (rewards.combine.RewardSpec); `accuracy`: the component keys that
+    decide accuracy (see `accuracy_of`); `on_call`: passed to WeightedReward, called with a
+    component's key before it runs and None after (the driver names a hung or dead reward with it)."""
+
+    def __init__(self, functions: list[dict], accuracy: Sequence[str], image_tokenizer: str | None = None,
+                 on_call: Callable[[str | None], None] | None = None):
+        self.reward = WeightedReward(functions, on_call=on_call)
         self.image_tokenizer_path = image_tokenizer
         self._image_tokenizer = None
         missing = [k for k in accuracy if k not in self.reward.keys]
