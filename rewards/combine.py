@@ -97,12 +97,12 @@ def check_reward_config(functions: Sequence[Any], accuracy: str | Sequence[str])
         raise ValueError(f"reward.functions: component keys {duplicates} appear twice; give the specs distinct 'key's")
     names = [accuracy] if isinstance(accuracy, str) else accuracy
     if not isinstance(names, Sequence) or not all(isinstance(k, str) for k in names):
-        raise ValueError(f"reward.accuracy: expected a component key or a list of them, got {accuracy!r:.80}")
+        raise ValueError(f"reward.accuracy={accuracy!r:.80}: expected a component key or a list of them")
     for k in names:
         if k not in keys:
             raise ValueError(
-                f"reward.accuracy: {k!r} is not a reward component; the components are {keys} (a component's key "
-                "is its spec's 'key', else the function name of a path, else the reward's name)"
+                f"reward.accuracy={k!r}: expected one of the reward components {keys} (a component's key is its "
+                "spec's 'key', else the function name of a path, else the reward's name)"
             )
     return keys
 

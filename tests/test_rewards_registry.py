@@ -311,8 +311,8 @@ def test_a_plugin_is_the_accuracy_reward_by_file_path_and_by_dotted_path(plugin,
     # An explicit key wins; the full path is not a key.
     keyed = [{"name": f"{plugin}:compute_score", "key": "exact"}]
     assert check_reward_config(keyed, ["exact"]) == ["exact"]
-    with pytest.raises(ValueError, match=r"reward.accuracy: '.*my_rewards.py:compute_score' is not a reward component; "
-                                         r"the components are \['exact'\]"):
+    with pytest.raises(ValueError, match=r"reward.accuracy='.*my_rewards.py:compute_score': expected one of the reward "
+                                         r"components \['exact'\]"):
         check_reward_config(keyed, [f"{plugin}:compute_score"])
     assert RewardSpec(f"{plugin}:Stateful.__call__").component_key == "__call__"
     assert RewardSpec("math").component_key == "math"
@@ -348,7 +348,7 @@ def test_check_reward_config_loads_every_plugin_and_names_the_problem(plugin, tm
     assert problem(["nope"]).startswith("reward.functions[0]: unknown reward 'nope'")
     assert problem(["format", "format"]).startswith("reward.functions: component keys ['format'] appear twice")
     assert problem([]).startswith("reward.functions: expected a non-empty list")
-    assert problem(["format"], ["math"]).startswith("reward.accuracy: 'math' is not a reward component")
+    assert problem(["format"], ["math"]).startswith("reward.accuracy='math': expected one of the reward components")
     # Built-ins are checked by name and kwargs only, never built: CLIP would load a model here.
     assert check_reward_config([{"name": "clip", "kwargs": {"path": "/not/loaded/here"}}], []) == ["clip"]
     # A class plugin is checked, not instantiated.
