@@ -200,8 +200,7 @@ class Reward:
             shown = f"{value:.6g}" if isinstance(value, float) else f"{value!r:.40}"
             raise RewardValueError(self.name, index, shown, f"rewards must be finite and within float32 range "
                                    f"(|x| <= {FLOAT32_MAX:.8g}): training casts them to float32, where it would be inf")
-        number = float(value)
-        return number
+        return float(value)
 
     def close(self) -> None:
         """Release what the reward holds (MathReward's worker process), if it has a `close`."""
