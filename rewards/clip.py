@@ -4,19 +4,25 @@
 tiny CLIP, recipes/build_tiny_clip.py, or e.g. a downloaded openai/clip-vit-large-patch14) and scores
 in-memory uint8 images against texts: 100 x cosine of the image and text embeddings, in batches.
 `ClipReward` is the built-in reward `clip`: it scores column `images` (decoded by the reward worker;
-None = no image, NaN = does not apply) against the prompt, which for text-to-image is the caption.
+None = no image, scored None: does not apply) against the prompt, which for text-to-image is the caption.
 """
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from rewards._common import check_batch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only when a CLIP model is built: `import rewards` happens in every math-verify
+# worker process (rewards.sandbox), where torch would add seconds to each start and restart.
 
 TINY_CLIP = Path(__file__).resolve().parents[1] / "recipes" / "assets" / "tiny-clip"
 
@@ -41,7 +47,8 @@ def check_clip_dir(path: str | Path) -> Path:
 
 
 def _pixels(image: Any, index: int) -> np.ndarray:
-    if isinstance(image, torch.Tensor):
+    torch = sys.modules.get("torch")  # an image can only be a tensor if torch is loaded
+    if torch is not None and isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     image = np.asarray(image)
     # A float or channels-first array would be silently misread by the processor (rescaled by 1/255
@@ -70,9 +77,16 @@ class ClipScorer:
         self.device, self.batch_size = device, batch_size
         self.max_length = self.model.config.text_config.max_position_embeddings
 
-    @torch.no_grad()
     def embed(self, images: Sequence[Any], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm float32 image and text embeddings, on CPU (one processor call: batch it yourself)."""
+        import torch
+
+        with torch.no_grad():
+            return self._embed(images, texts)
+
+    def _embed(self, images: Sequence[Any], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         inputs = self.processor(text=list(texts), images=[_pixels(im, i) for i, im in enumerate(images)],
                                 return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
@@ -103,7 +117,7 @@ class ClipReward:
     """Reward `clip`: `scale` x CLIP score of `images[i]` against `prompts[i]` (MMaDA weights it 0.1).
 
     Call: `reward(prompts, completions, **columns) -> list[float]`. Column `images` holds one uint8
-    [H, W, 3] array per sample, or None where the sample has no image (scored NaN: does not apply).
+    [H, W, 3] array per sample, or None where the sample has no image (scored None: does not apply).
     Completions are not read (an image sample's completion is empty text). `path` None = the shipped
     tiny CLIP; the model is loaded here, so a wrong path fails when the reward is built.
     """
@@ -116,7 +130,8 @@ class ClipReward:
         self.scale = float(scale)
         self.scorer = ClipScorer(path, device, batch_size)
 
-    def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
+    def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str],
+                 **columns: Sequence[Any]) -> list[float | None]:
         n = check_batch(self.name, prompts, completions, columns)
         if "images" not in columns:
             raise ValueError(
@@ -128,7 +143,7 @@ class ClipReward:
             if prompts is None or not isinstance(prompts[i], str):
                 got = "prompts is None" if prompts is None else f"prompts[{i}] is {type(prompts[i]).__name__}"
                 raise ValueError(f"reward 'clip' scores images[{i}] against its prompt (the caption), but {got}")
-        scores = [math.nan] * n
+        scores: list[float | None] = [None] * n
         if idx:
             for i, s in zip(idx, self.scorer([images[i] for i in idx], [prompts[i] for i in idx])):
                 scores[i] = self.scale * s

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rewards._common import check_batch
-from rewards.registry import Reward, build_reward
+from rewards.registry import FLOAT32_MAX, Reward, RewardValueError, build_reward, check_reward, component_key
 
 _SPEC_KEYS = ("name", "weight", "kwargs", "shape", "key", "tasks")
 
@@ -16,7 +16,8 @@ _SPEC_KEYS = ("name", "weight", "kwargs", "shape", "key", "tasks")
 class RewardSpec:
     """One term of the sum. `name`: a registered reward or a path (see rewards.registry);
     `kwargs`: passed to it; `shape`: force "trl"/"verl" for a path; `key`: the component's name in
-    logs (default: the reward's name); `tasks`: the task names (column `task`) it applies to, None = all
+    logs and in `reward.accuracy` (default: see `component_key`); `tasks`: the task names (column
+    `task`) it applies to, None = all
     (in a mixed batch, e.g. Countdown's reward only scores Countdown rows; others get NaN)."""
 
     name: str
@@ -40,6 +41,13 @@ class RewardSpec:
             raise ValueError(f"RewardSpec {self.name!r}: kwargs must be a mapping, got {type(self.kwargs).__name__}")
         if self.key is not None and (not isinstance(self.key, str) or not self.key):
             raise ValueError(f"RewardSpec {self.name!r}: key must be a non-empty string, got {self.key!r}")
+        self.component_key  # a malformed path fails here, when the spec is read
+
+    @property
+    def component_key(self) -> str:
+        """This term's key among the components: `key`, else a path's function name, else the
+        registered name (rewards.registry.component_key, the one rule for it)."""
+        return component_key(self.name, self.key)
 
     @classmethod
     def parse(cls, spec: "RewardSpec | Mapping[str, Any] | str") -> "RewardSpec":
@@ -62,6 +70,43 @@ class RewardSpec:
         raise ValueError(f"reward spec must be a RewardSpec, a mapping or a name, got {type(spec).__name__} ({spec!r:.80})")
 
 
+def check_reward_config(functions: Sequence[Any], accuracy: str | Sequence[str]) -> list[str]:
+    """Check `reward.functions` and `reward.accuracy` before any actor starts; the component keys.
+
+    Each spec is parsed and checked as `build_reward` would check it, without building anything:
+    a built-in's name and kwargs against its factory (CLIP would load a model), a path's module or
+    file imported and its function found, its shape detected and its kwargs checked. Each
+    accuracy key must be a component key (`RewardSpec.component_key`, the rule the reward worker
+    uses). Raises ValueError with one message naming `reward.functions[i]` or `reward.accuracy`.
+    `functions` holds plain mappings or specs (pass `OmegaConf.to_container(..., resolve=True)`).
+    """
+    if isinstance(functions, (str, Mapping)) or not isinstance(functions, Sequence) or not functions:
+        raise ValueError(f"reward.functions: expected a non-empty list of reward specs ({{name, weight, ...}}), "
+                         f"got {functions!r:.80}")
+    keys: list[str] = []
+    for i, f in enumerate(functions):
+        try:
+            spec = RewardSpec.parse(f)
+            check_reward(spec.name, spec.kwargs, spec.shape)
+        except (ValueError, TypeError, ImportError, AttributeError, OSError) as e:
+            # Our loader's messages name the reward and the problem; the traceback adds nothing.
+            raise ValueError(f"reward.functions[{i}]: {e}") from None
+        keys.append(spec.component_key)
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ValueError(f"reward.functions: component keys {duplicates} appear twice; give the specs distinct 'key's")
+    names = [accuracy] if isinstance(accuracy, str) else accuracy
+    if not isinstance(names, Sequence) or not all(isinstance(k, str) for k in names):
+        raise ValueError(f"reward.accuracy={accuracy!r:.80}: expected a component key or a list of them")
+    for k in names:
+        if k not in keys:
+            raise ValueError(
+                f"reward.accuracy={k!r}: expected one of the reward components {keys} (a component's key is its "
+                "spec's 'key', else the function name of a path, else the reward's name)"
+            )
+    return keys
+
+
 # MMaDA (arXiv 2505.15809), UniGRPO text reasoning: correctness 2.0 + format 0.5.
 PRESETS: dict[str, tuple[RewardSpec, ...]] = {
     "text_reasoning": (RewardSpec("math", 2.0), RewardSpec("format", 0.5)),
@@ -81,10 +126,19 @@ class WeightedReward:
 
     Call: `(prompts, completions, **columns)` as every reward (rewards.registry). Returns
     `{"total": [...], "components": {key: [...]}, "weights": {key: w}, "extras": {"key/extra": [...]}}`,
-    all lists with one entry per completion; components are the unweighted scores.
+    all lists with one entry per completion; components are the unweighted scores. A total outside
+    float32 range is refused like a component's value (rewards.registry, "The boundary").
+
+    `on_call(key)` is called with a component's key just before that reward runs and with None
+    after it (also when it raised), so that a caller watching from outside (the driver's deadline)
+    can name the reward a hung or dead worker was running.
     """
 
-    def __init__(self, specs: Sequence[RewardSpec | Mapping[str, Any] | str]):
+    def __init__(self, specs: Sequence[RewardSpec | Mapping[str, Any] | str],
+                 on_call: Callable[[str | None], None] | None = None):
+        if on_call is not None and not callable(on_call):
+            raise ValueError(f"WeightedReward: on_call must be callable or None, got {type(on_call).__name__}")
+        self.on_call = on_call
         if isinstance(specs, (str, Mapping, RewardSpec)) or not specs:
             raise ValueError(f"WeightedReward needs a non-empty list of reward specs, got {specs!r:.80}")
         self.specs = [RewardSpec.parse(s) for s in specs]
@@ -95,7 +149,7 @@ class WeightedReward:
         except BaseException:
             self.close()
             raise
-        self.keys = [spec.key or reward.name for spec, reward in zip(self.specs, self.rewards)]
+        self.keys = [spec.component_key for spec in self.specs]
         duplicates = sorted({k for k in self.keys if self.keys.count(k) > 1})
         if duplicates:
             self.close()
@@ -112,13 +166,28 @@ class WeightedReward:
                 components[key] = [math.nan] * n
                 continue
             pick = (lambda seq: [seq[i] for i in idx]) if spec.tasks is not None else (lambda seq: seq)
-            result = reward.score(None if prompts is None else pick(prompts), pick(completions),
-                                  **{c: pick(v) for c, v in columns.items()})
+            if self.on_call is not None:
+                self.on_call(key)
+            try:
+                result = reward.score(None if prompts is None else pick(prompts), pick(completions),
+                                      **{c: pick(v) for c, v in columns.items()})
+            except RewardValueError as e:
+                raise e.at(idx[e.index]) from None  # the sample's index in the batch, not in the task's rows
+            finally:
+                if self.on_call is not None:
+                    self.on_call(None)
             components[key] = scores = _spread(result.scores, idx, n, math.nan)
             extras.update({f"{key}/{name}": _spread(v, idx, n, None) for name, v in result.extras.items()})
             for i, s in enumerate(scores):
                 if not math.isnan(s):
                     total[i] += spec.weight * s
+        for i, t in enumerate(total):
+            if not abs(t) <= FLOAT32_MAX:  # each term was in range; weights can still push the sum out
+                terms = {k: components[k][i] for k in self.keys if k in components}
+                raise ValueError(
+                    f"the weighted sum of the rewards is {t:.6g} for sample {i} (components {terms}), outside "
+                    f"float32 range (|x| <= {FLOAT32_MAX:.8g}); training would see it as inf: lower the weights"
+                )
         return {
             "total": total,
             "components": components,

@@ -12,14 +12,29 @@ reaches those calls is a regex match of digits, whitespace and `. + - * / ^ ( ) 
 number token (digits, `.`, `,`, an `E` exponent), so no name can reach `eval` (tests spy on every
 string sympy is asked to parse); but that is a property of third-party regexes, not a promise. So the
 completion itself never reaches math-verify: only the extracted answer span does, after
-`sanitize_answer` has bounded its length and refused quotes, backticks, `#`, `@`, `__`, characters
+`normalize_answer` has rewritten it (see below) and `sanitize_answer` has bounded its length and
+refused quotes, backticks, `#`, `@`, `__`, characters
 outside a small math alphabet, and the few Python names that build code without quotes (`exec`,
-`bytes`, `lambda`, ...). The ground truth comes from our own dataset and is passed unchanged.
+`bytes`, `lambda`, ...). The ground truth comes from our own dataset: it is normalized the same way (so that both sides
+spell numbers alike) but not sanitized.
+
+Normalization (`normalize_answer`, before the sanitizer, so the sanitizer judges what math-verify
+will see). Superscript and subscript runs become `^{...}` / `_{...}` first: NFKC alone would turn
+`4²` into `42`, a wrong answer that looks right. Then NFKC (full-width digits, letters and
+punctuation become ASCII; full-width code therefore meets the sanitizer as plain code), then every
+remaining decimal digit (Arabic-Indic, Eastern Arabic-Indic, Devanagari, ...; NFKC leaves them) to
+ASCII by its Unicode value, with the Arabic decimal and thousands separators. Last, a lower-case
+exponent `1e3` / `2.5e-4` becomes `1E3` / `2.5E-4`: math-verify reads `1e3` as `1*e*3` (Euler's
+number) but `1E3` as 1000. Only a bare number directly followed by `e` and digits is rewritten, so
+`2e`, `e^3` and names stay as they are. Vulgar fractions are left alone: NFKC makes `1½` into
+`11⁄2`, whose fraction slash the sanitizer refuses (scored incorrect, never misread).
 
 Timeouts. math-verify's own timeouts use `signal.alarm`, which fails off the main thread (Ray actor
 threads), so they are disabled (`parsing_timeout=None`, `timeout_seconds=None`) and every answer
-is verified in a `SubprocessPool` worker that is killed when it overruns `timeout_s`. A timed-out,
-crashed or raising verification scores `failure_score` and is counted; it never hangs the caller.
+is verified in a `SubprocessPool` worker that is killed when it overruns `timeout_s`; a spare
+worker takes over at once. A whole call is bounded by `batch_timeout_s`: answers not verified by
+then are cut off. A timed-out, crashed, raising or cut-off verification scores `failure_score` and
+is counted; it never hangs the caller.
 """
 from __future__ import annotations
 
@@ -28,6 +43,7 @@ import math
 import re
 import string
 import threading
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +69,33 @@ def extract_answer(text: str, answer_tag: str = "answer", fallback: bool = True)
         if span is None:
             span = last_number(text)
     return None if span is None else span.strip()
+
+
+_SUPERSCRIPT = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁼⁽⁾ⁿⁱ", "0123456789+-=()ni")
+_SUBSCRIPT = str.maketrans("₀₁₂₃₄₅₆₇₈₉₊₋₌₍₎", "0123456789+-=()")
+_SCRIPT_RUN = re.compile("([⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁼⁽⁾ⁿⁱ]+)|([₀₁₂₃₄₅₆₇₈₉₊₋₌₍₎]+)")
+# Arabic decimal separator and thousands separator (NFKC keeps both).
+_ARABIC_SEPARATORS = str.maketrans("\u066b\u066c", ".,")
+# A bare number (not part of a name or of a longer number) with a lower-case exponent.
+_LOWER_EXPONENT = re.compile(r"(?<![A-Za-z0-9_.\\])([0-9]+(?:\.[0-9]+)?|\.[0-9]+)e([+-]?[0-9]+)(?![A-Za-z0-9_.])")
+
+
+def normalize_answer(span: str, max_chars: int | None = 1000) -> str:
+    """The span with numbers spelled the ASCII way math-verify expects (module docstring). A span
+    longer than `max_chars` is returned unchanged, for the sanitizer to refuse: NFKC can lengthen
+    text, and untrusted text is bounded before any work on it (None: no bound, for ground truths)."""
+    if max_chars is not None and len(span) > max_chars:
+        return span
+    if not span.isascii():
+        span = _SCRIPT_RUN.sub(_script_to_latex, span)
+        span = unicodedata.normalize("NFKC", span).translate(_ARABIC_SEPARATORS)
+        span = "".join(str(unicodedata.decimal(ch)) if unicodedata.category(ch) == "Nd" else ch for ch in span)
+    return _LOWER_EXPONENT.sub(r"\1E\2", span)
+
+
+def _script_to_latex(match: re.Match) -> str:
+    sup, sub = match.groups()
+    return f"^{{{sup.translate(_SUPERSCRIPT)}}}" if sup else f"_{{{sub.translate(_SUBSCRIPT)}}}"
 
 
 def sanitize_answer(span: str, max_chars: int = 1000) -> str | None:
@@ -124,10 +167,13 @@ class MathReward:
     Call: `reward(prompts, completions, **columns) -> list[float]`; the ground truth is read from
     column `ground_truth` or, failing that, `answer` (a string or number per completion). A
     completion with no answer span, or one refused by `sanitize_answer`, scores `incorrect_score`;
-    a verification that times out, crashes its worker or raises scores `failure_score`.
+    a verification that times out, crashes its worker, raises or is cut off by `batch_timeout_s`
+    scores `failure_score`.
 
-    `timeout_s` bounds each answer's verification; `max_answer_chars` the span handed to
-    math-verify. The worker process (capped at `memory_limit_mb`) starts on the first call; pass
+    `timeout_s` bounds each answer's verification; `batch_timeout_s` a whole call (None: 4 x
+    `timeout_s` plus 0.1 s per answer to verify, so that a large batch of ordinary answers, a few
+    ms each, is never cut off while 8 hanging ones cost 20 s, not 8 x 5 s); `max_answer_chars` the
+    span handed to math-verify. The worker process (capped at `memory_limit_mb`) starts on the first call; pass
     `pool` to share one worker between rewards (its memory cap then applies). `close()` stops it.
     """
 
@@ -141,6 +187,7 @@ class MathReward:
         incorrect_score: float = 0.0,
         failure_score: float = 0.0,
         timeout_s: float = 5.0,
+        batch_timeout_s: float | None = None,
         max_answer_chars: int = 1000,
         memory_limit_mb: int | None = 4096,
         pool: SubprocessPool | None = None,
@@ -155,6 +202,13 @@ class MathReward:
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise ValueError(f"MathReward: timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
+        if batch_timeout_s is not None and not (
+            isinstance(batch_timeout_s, (int, float)) and not isinstance(batch_timeout_s, bool) and batch_timeout_s > 0
+        ):
+            raise ValueError(
+                f"MathReward: batch_timeout_s must be a positive number of seconds or None, got {batch_timeout_s!r}"
+            )
+        self.batch_timeout_s = None if batch_timeout_s is None else float(batch_timeout_s)
         if not (isinstance(max_answer_chars, int) and max_answer_chars > 0):
             raise ValueError(f"MathReward: max_answer_chars must be a positive int, got {max_answer_chars!r}")
         self.max_answer_chars = max_answer_chars
@@ -179,13 +233,16 @@ class MathReward:
     @property
     def counters(self) -> dict[str, int]:
         """calls (completions scored), no_answer, rejected (by the sanitizer), and the worker's
-        timeouts, crashes, errors and restarts (shared with other users of an injected pool)."""
+        timeouts, crashes, errors, over_budget (cut off by `batch_timeout_s`) and restarts (shared
+        with other users of an injected pool)."""
         pool = self._pool.counters if self._pool is not None else {}
-        return {**self._counts, **{k: pool.get(k, 0) for k in ("timeouts", "crashes", "errors", "restarts")}}
+        keys = ("timeouts", "crashes", "errors", "over_budget", "restarts")
+        return {**self._counts, **{k: pool.get(k, 0) for k in keys}}
 
     def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
         n = check_batch(self.name, prompts, completions, columns)
-        golds = [_gold_text(g, i) for i, g in enumerate(get_column(self.name, columns, GROUND_TRUTH_COLUMNS))]
+        gold_column = get_column(self.name, columns, GROUND_TRUTH_COLUMNS)
+        golds = [normalize_answer(_gold_text(g, i), None) for i, g in enumerate(gold_column)]
         scores = [self.incorrect_score] * n
         jobs: list[tuple[int, str]] = []
         for i, completion in enumerate(completions):
@@ -193,14 +250,16 @@ class MathReward:
             if span is None:
                 self._counts["no_answer"] += 1
                 continue
-            clean = sanitize_answer(span, self.max_answer_chars)
+            clean = sanitize_answer(normalize_answer(span, self.max_answer_chars), self.max_answer_chars)
             if clean is None:
                 self._counts["rejected"] += 1
                 continue
             jobs.append((i, clean))
         self._counts["calls"] += n
         if jobs:
-            results = self.pool.run(verify_answer, [(span, golds[i]) for i, span in jobs], timeout_s=self.timeout_s)
+            budget = self.batch_timeout_s or 4 * self.timeout_s + 0.1 * len(jobs)
+            results = self.pool.run(verify_answer, [(span, golds[i]) for i, span in jobs], timeout_s=self.timeout_s,
+                                    batch_timeout_s=budget)
             for (i, _), result in zip(jobs, results):
                 if result.status != "ok":
                     scores[i] = self.failure_score

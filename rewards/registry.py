@@ -10,11 +10,19 @@ Uniform call, for built-in and loaded rewards alike:
   with a fixed meaning: `ground_truth` (alias `answer`, this project's task rows) the reference
   answer; `data_source` (alias `task`) the task name; `extra_info` a dict per sample (verl).
   Task-specific columns pass through (`numbers`, `target` for Countdown).
-- Returns one float per completion. NaN means "does not apply to this sample" (TRL's None): the
-  weighted sum skips it.
+- Returns one float per completion (the wrapper turns a function's None, "does not apply to this
+  sample", into NaN, which the weighted sum skips).
+
+The boundary (`Reward`): a function returns a real number or None per sample. NaN and infinities
+are refused, as are values outside float32 range (|x| > 3.4028235e38): training casts rewards to
+float32, where 1e39 becomes inf and every update after it NaN. NaN is not accepted as "does not
+apply" (TRL itself only documents None): a NaN is far more often a 0/0 in the reward than a
+choice, and silently dropping it would change the sum. The error names the reward and the sample.
 
 `Reward.score(...)` returns the same scores plus `extras`: the additional keys of verl-style dict
-results, one list per key (None where a sample lacked it), for logging.
+results, one list per key (None where a sample lacked it), for logging. Numbers, strings, bools and
+None pass as they are, 0-d arrays as their Python scalar, anything else as its (shortened) repr, so
+that extras always pickle (they cross Ray) and never hold a model's tensors.
 
 Shapes accepted from user code (`load_reward`), told apart by parameter names, or forced with
 `shape=`:
@@ -28,9 +36,14 @@ Shapes accepted from user code (`load_reward`), told apart by parameter names, o
 A name containing `solution_str` selects "verl", `completions` selects "trl"; a forced shape whose
 parameter names do not match is called positionally. `kwargs` given with the reward are passed on
 every call (verl's `reward_kwargs`); if the target is a class it is instantiated with them instead.
+Either way they must be parameters of the target (or it takes `**kwargs`).
+
+`check_reward` does every check `build_reward` does without building anything, for the config
+check before any actor starts.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -51,6 +64,9 @@ from rewards.format import FormatReward
 from rewards.math_reward import MathReward
 
 SHAPES = ("trl", "verl")
+# numpy.finfo(numpy.float32).max: rewards become float32 tensors in training.
+FLOAT32_MAX = 3.4028234663852886e38
+_EXTRA_REPR_CHARS = 200
 _VERL_PARAMS = ("data_source", "solution_str", "ground_truth", "extra_info")
 _COLUMN_ALIASES = {"data_source": ("data_source", "task"), "ground_truth": ("ground_truth", "answer"), "extra_info": ("extra_info",)}
 
@@ -60,6 +76,18 @@ _REGISTRY: dict[str, Callable[..., Callable]] = {
     "countdown": CountdownReward,
     "clip": ClipReward,
 }
+
+
+class RewardValueError(ValueError):
+    """A reward returned a value that training cannot use, for sample `index` of its call."""
+
+    def __init__(self, reward: str, index: int, value: str, why: str):
+        self.reward, self.index, self.value, self.why = reward, index, value, why
+        super().__init__(f"reward {reward!r} returned {value} for sample {index}; {why}")
+
+    def at(self, index: int) -> "RewardValueError":
+        """The same error with another sample index (the batch's, for a reward called on some rows)."""
+        return RewardValueError(self.reward, index, self.value, self.why)
 
 
 @dataclass
@@ -135,9 +163,9 @@ class Reward:
                     )
                 for key, value in out.items():
                     if key != "score":
-                        extras.setdefault(key, [None] * n)[i] = value
+                        extras.setdefault(key, [None] * n)[i] = _plain(value)
                 out = out["score"]
-            scores.append(self._to_float(out, f"for sample {i}"))
+            scores.append(self._to_float(out, i))
         return RewardResult(scores, extras)
 
     def _check_required(self, args: Mapping[str, Any], columns: Mapping[str, Any]) -> None:
@@ -155,27 +183,42 @@ class Reward:
             raise TypeError(f"reward {self.name!r} returned {type(out).__name__}; expected a list of {n} floats")
         if len(out) != n:
             raise ValueError(f"reward {self.name!r} returned {len(out)} values for {n} completions; expected one per completion")
-        return [self._to_float(v, f"at index {i}") for i, v in enumerate(out)]
+        return [self._to_float(v, i) for i, v in enumerate(out)]
 
-    def _to_float(self, value: Any, where: str) -> float:
+    def _to_float(self, value: Any, index: int) -> float:
+        """A returned value as a float, NaN for None ("does not apply"); see the module docstring."""
         if value is None:
             return math.nan
         if hasattr(value, "item") and not isinstance(value, numbers.Real) and getattr(value, "ndim", 1) == 0:
             value = value.item()
         if not isinstance(value, numbers.Real):
-            raise TypeError(
-                f"reward {self.name!r} returned {type(value).__name__} ({value!r:.80}) {where}; expected a float (or None)"
-            )
-        value = float(value)
-        if math.isinf(value):
-            raise ValueError(f"reward {self.name!r} returned {value} {where}; expected a finite float (or None)")
-        return value
+            raise RewardValueError(self.name, index, f"{type(value).__name__} ({value!r:.80})",
+                                   "expected a float, or None where the reward does not apply")
+        if value != value:  # NaN, of any numeric type
+            raise RewardValueError(self.name, index, "nan", "return None where the reward does not apply, never NaN")
+        if not abs(value) <= FLOAT32_MAX:  # compared before float(): an int past float64 would raise there
+            shown = f"{value:.6g}" if isinstance(value, float) else f"{value!r:.40}"
+            raise RewardValueError(self.name, index, shown, f"rewards must be finite and within float32 range "
+                                   f"(|x| <= {FLOAT32_MAX:.8g}): training casts them to float32, where it would be inf")
+        return float(value)
 
     def close(self) -> None:
         """Release what the reward holds (MathReward's worker process), if it has a `close`."""
         close = getattr(self.fn, "close", None)
         if callable(close):
             close()
+
+
+def _plain(value: Any) -> Any:
+    """An extra's value as something that pickles and logs (module docstring)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        try:
+            return value.item()
+        except Exception:
+            pass
+    return repr(value)[:_EXTRA_REPR_CHARS]
 
 
 def register_reward(name: str, factory: Callable[..., Callable], overwrite: bool = False) -> None:
@@ -193,31 +236,14 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_reward(name: str, kwargs: Mapping[str, Any] | None = None, shape: str | None = None) -> Reward:
-    """A registered reward by name, else a function by path (see `load_reward`)."""
-    kwargs = dict(kwargs or {})
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"reward name must be a non-empty string, got {name!r}")
-    if name in _REGISTRY:
-        if shape not in (None, "trl"):
-            raise ValueError(f"reward {name!r} is built in and TRL-shaped; shape={shape!r} does not apply")
-        factory = _REGISTRY[name]
-        _check_kwargs(name, factory, kwargs)
-        return Reward(name, factory(**kwargs), "trl")
-    if ":" in name or "." in name or "/" in name:
-        return load_reward(name, shape=shape, kwargs=kwargs)
-    raise ValueError(
-        f"unknown reward {name!r}: expected one of {available_rewards()}, a dotted path "
-        "('pkg.module:func' or 'pkg.module.func') or a file path ('/path/to/file.py:func')"
-    )
+def is_reward_path(name: str) -> bool:
+    """Whether a reward name is a path (module or file) rather than a registered name: only paths
+    contain ':', '.' or '/' (`register_reward` refuses those characters)."""
+    return any(c in name for c in ":./") or os.sep in name
 
 
-def load_reward(target: str, shape: str | None = None, kwargs: Mapping[str, Any] | None = None, name: str | None = None) -> Reward:
-    """Load `pkg.module:func`, `pkg.module.func` or `/path/to/file.py:func` (attribute paths like
-    `module:Class.method` work too) and wrap it as a `Reward` named `name` (default: the attribute)."""
-    kwargs = dict(kwargs or {})
-    if shape is not None and shape not in SHAPES:
-        raise ValueError(f"reward {target!r}: shape must be one of {SHAPES} or None (detect), got {shape!r}")
+def split_reward_path(target: str) -> tuple[str, str]:
+    """`pkg.module:func`, `pkg.module.func` or `/path/to/file.py:func` -> (module or file, attribute)."""
     if ":" in target:
         source, attr = target.rsplit(":", 1)
     elif target.endswith(".py"):
@@ -228,6 +254,80 @@ def load_reward(target: str, shape: str | None = None, kwargs: Mapping[str, Any]
         raise ValueError(
             f"reward {target!r}: expected 'pkg.module:func', 'pkg.module.func' or '/path/to/file.py:func'"
         )
+    return source, attr
+
+
+def component_key(name: str, key: str | None = None) -> str:
+    """The one rule for a reward's key among the components (logs, `reward.accuracy`): `key` if
+    given, else for a path the function's name (`/x/my.py:score` -> `score`, `pkg.mod.Cls.method`
+    -> `method`), else the registered name. The config check and the reward worker both use it."""
+    if key:
+        return key
+    if is_reward_path(name):
+        return split_reward_path(name)[1].rsplit(".", 1)[-1]
+    return name
+
+
+def check_reward(name: str, kwargs: Mapping[str, Any] | None = None, shape: str | None = None) -> None:
+    """Every check `build_reward` makes, without building: for a built-in, its name, shape and kwargs
+    against the factory's signature (building CLIP would load a model); for a path, the module or
+    file is imported and the attribute found, its shape detected (or the forced one accepted) and
+    the kwargs checked against its signature (a class is not instantiated). Raises what
+    `build_reward` would."""
+    kwargs = dict(kwargs or {})
+    if _builtin(name, kwargs, shape) is None:
+        _check_shape_arg(name, shape)
+        _check_target(name, _resolve(name), kwargs, shape)
+
+
+def build_reward(name: str, kwargs: Mapping[str, Any] | None = None, shape: str | None = None) -> Reward:
+    """A registered reward by name, else a function by path (see `load_reward`)."""
+    kwargs = dict(kwargs or {})
+    factory = _builtin(name, kwargs, shape)
+    if factory is not None:
+        return Reward(name, factory(**kwargs), "trl")
+    return load_reward(name, shape=shape, kwargs=kwargs)
+
+
+def load_reward(target: str, shape: str | None = None, kwargs: Mapping[str, Any] | None = None,
+                name: str | None = None) -> Reward:
+    """Load `pkg.module:func`, `pkg.module.func` or `/path/to/file.py:func` (attribute paths like
+    `module:Class.method` work too) and wrap it as a `Reward` named `name` (default: its
+    `component_key`, the function's name)."""
+    kwargs = dict(kwargs or {})
+    _check_shape_arg(target, shape)
+    obj = _resolve(target)
+    shape = _check_target(target, obj, kwargs, shape)
+    if inspect.isclass(obj):
+        obj, kwargs = obj(**kwargs), {}
+    return Reward(name or component_key(target), obj, shape, kwargs)
+
+
+def _builtin(name: str, kwargs: Mapping[str, Any], shape: str | None) -> Callable | None:
+    """The checked factory of a registered reward; None for a path; an error for anything else."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"reward name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY:
+        if shape not in (None, "trl"):
+            raise ValueError(f"reward {name!r} is built in and TRL-shaped; shape={shape!r} does not apply")
+        _check_kwargs(name, _REGISTRY[name], kwargs)
+        return _REGISTRY[name]
+    if is_reward_path(name):
+        return None
+    raise ValueError(
+        f"unknown reward {name!r}: expected one of {available_rewards()}, a dotted path "
+        "('pkg.module:func' or 'pkg.module.func') or a file path ('/path/to/file.py:func')"
+    )
+
+
+def _check_shape_arg(target: str, shape: str | None) -> None:
+    if shape is not None and shape not in SHAPES:
+        raise ValueError(f"reward {target!r}: shape must be one of {SHAPES} or None (detect), got {shape!r}")
+
+
+def _resolve(target: str) -> Any:
+    """The object a path names (the module is imported, a file run)."""
+    source, attr = split_reward_path(target)
     is_file = source.endswith(".py") or "/" in source or os.sep in source
     module = _import_file(source, target) if is_file else _import_module(source, target)
     obj: Any = module
@@ -236,12 +336,22 @@ def load_reward(target: str, shape: str | None = None, kwargs: Mapping[str, Any]
             public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
             raise AttributeError(f"reward {target!r}: {source} has no attribute {attr!r} (its public callables: {public})")
         obj = getattr(obj, part)
+    return obj
+
+
+def _check_target(target: str, obj: Any, kwargs: Mapping[str, Any], shape: str | None) -> str:
+    """Check a loaded target without calling it; its shape. A class gets the kwargs when it is
+    instantiated and is called through `__call__`; a function gets them with every call."""
     if inspect.isclass(obj):
-        _check_kwargs(target, obj, kwargs)
-        obj, kwargs = obj(**kwargs), {}
-    if not callable(obj):
+        if not any("__call__" in vars(k) for k in obj.__mro__ if k is not object):
+            raise TypeError(f"reward {target!r} is a class whose instances are not callable (it defines no __call__)")
+        call = functools.partial(obj.__call__, None)  # the signature without `self`
+    elif callable(obj):
+        call = obj
+    else:
         raise TypeError(f"reward {target!r} is not callable (it is a {type(obj).__name__})")
-    return Reward(name or attr.rsplit(".", 1)[-1], obj, _detect_shape(obj, shape, target), kwargs)
+    _check_kwargs(target, obj, kwargs)
+    return _detect_shape(call, shape, target)
 
 
 def _detect_shape(fn: Callable, shape: str | None, target: str) -> str:
@@ -263,7 +373,12 @@ def _detect_shape(fn: Callable, shape: str | None, target: str) -> str:
 
 
 def _check_kwargs(name: str, factory: Callable, kwargs: Mapping[str, Any]) -> None:
-    params = inspect.signature(factory).parameters
+    if not kwargs:
+        return
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: the first call will tell
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     unknown = sorted(set(kwargs) - set(params))
@@ -278,7 +393,9 @@ def _import_module(source: str, target: str):
     except ModuleNotFoundError as e:
         if e.name is not None and (source == e.name or source.startswith(e.name + ".")):
             raise ModuleNotFoundError(f"reward {target!r}: no module named {source!r} (is it on sys.path?)") from e
-        raise
+        raise ImportError(f"reward {target!r}: importing {source} failed: {type(e).__name__}: {e}") from e
+    except Exception as e:  # the module's own code failed (a SyntaxError, an import-time error)
+        raise ImportError(f"reward {target!r}: importing {source} failed: {type(e).__name__}: {e}") from e
 
 
 def _import_file(source: str, target: str):

@@ -4,9 +4,13 @@ Why a process: a hung sympy call (math-verify on a degenerate answer) cannot be 
 inside its own process once the signal-based timeout is off, and signals only work on the main
 thread anyway (Ray actors call us from other threads). Killing a process always works.
 
-Why a long-lived one: starting Python and importing sympy costs about a second, far more than a
-typical verification (milliseconds). The worker is started once, fed whole batches over a pipe,
-and replaced only after it times out or dies.
+Why a long-lived one: starting Python and importing sympy costs about a second (several on a busy
+machine), far more than a typical verification (milliseconds). The worker is started once, fed
+whole batches over a pipe, and replaced only after it times out or dies.
+
+Why a spare: replacing a killed worker used to cost that start-up on the next item, so a batch of
+8 hanging answers took 8 x (timeout + start-up), 92 s once. A second worker is kept started in the
+background; a kill hands the rest of the batch to it at once and a new spare starts behind it.
 
 The worker is a fresh interpreter started with `subprocess` (fork+exec), so it is safe to create
 from any thread and never re-imports the caller's `__main__` (multiprocessing's spawn does, which
@@ -24,13 +28,15 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
 
 class JobResult(NamedTuple):
     """status: "ok" (value is the job's return value), "error" (the job raised; value is the
-    exception's type name), "timeout" or "crash" (value is None)."""
+    exception's type name), "timeout", "crash" or "over_budget" (the batch's time budget ran out
+    before the item finished; value is None)."""
 
     status: str
     value: Any = None
@@ -38,7 +44,7 @@ class JobResult(NamedTuple):
 
 _BOOTSTRAP = (
     "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
-    "from rewards.sandbox import _child_main; _child_main(int(sys.argv[2]), int(sys.argv[3]))"
+    "from rewards.sandbox import _child_main; _child_main(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))"
 )
 
 
@@ -53,7 +59,8 @@ class _Worker:
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, json.dumps(path), str(to_child_r), str(from_child_w)],
+                [sys.executable, "-c", _BOOTSTRAP, json.dumps(path), str(to_child_r), str(from_child_w),
+                 str(os.getpid())],
                 pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, env=env,
             )
         except BaseException:
@@ -103,10 +110,15 @@ class SubprocessPool:
 
     Every item gets its own deadline of `timeout_s`, counted from the moment the previous item's
     result arrived (or from the send, for the first). When an item overruns, the worker is killed,
-    that item is reported as "timeout", a fresh worker is started (start-up time is not charged to
-    any item) and the rest of the batch continues there. An item during which the worker died is
-    reported as "crash" the same way. So a batch always returns, in at most about
-    `len(items) * timeout_s` plus restarts, with one result per item.
+    that item is reported as "timeout", and the rest of the batch continues in the spare worker
+    (`spare=True`, the default: started in the background beforehand, so a kill costs no start-up;
+    a new spare starts behind it). An item during which the worker died is reported as "crash" the
+    same way. With `spare=False` a fresh worker is started on the spot instead.
+
+    `batch_timeout_s` bounds a whole `run`: once it is spent, the running item's worker is killed
+    and that item and all after it are reported as "over_budget". It counts from the moment a
+    worker is ready, so the very first start-up is not charged; waiting for a spare that is still
+    starting is. Without it a batch returns in at most about `len(items) * timeout_s`.
 
     The worker's address space is capped at `memory_limit_mb` (RLIMIT_AS), so a runaway
     big-integer computation fails fast with MemoryError (an "error") rather than eating the
@@ -122,23 +134,29 @@ class SubprocessPool:
         initializer: Callable[[], Any] | None = None,
         memory_limit_mb: int | None = 4096,
         start_timeout_s: float = 120.0,
+        spare: bool = True,
     ):
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise ValueError(f"SubprocessPool: timeout_s must be a positive number of seconds, got {timeout_s!r}")
         if memory_limit_mb is not None and not (isinstance(memory_limit_mb, int) and memory_limit_mb > 0):
             raise ValueError(f"SubprocessPool: memory_limit_mb must be a positive int or None, got {memory_limit_mb!r}")
+        if not isinstance(spare, bool):
+            raise ValueError(f"SubprocessPool: spare must be true or false, got {spare!r}")
         self.timeout_s = float(timeout_s)
         self.initializer = initializer
         self.memory_limit_mb = memory_limit_mb
         self.start_timeout_s = float(start_timeout_s)
+        self.spare = spare
         self._worker: _Worker | None = None
+        self._spare: Future | None = None  # of a _Worker being started in the background
+        self._started = False  # a worker has been started before: later ones are restarts
         self._lock = threading.Lock()
-        self._counters = {"calls": 0, "timeouts": 0, "crashes": 0, "errors": 0, "restarts": 0}
+        self._counters = {"calls": 0, "timeouts": 0, "crashes": 0, "errors": 0, "over_budget": 0, "restarts": 0}
 
     @property
     def counters(self) -> dict[str, int]:
-        """calls (items run), timeouts, crashes, errors (job raised), restarts (workers started
-        after the first)."""
+        """calls (items run), timeouts, crashes, errors (job raised), over_budget (items cut off by
+        a batch's time budget), restarts (workers that replaced a killed or dead one)."""
         return dict(self._counters)
 
     @property
@@ -146,21 +164,32 @@ class SubprocessPool:
         worker = self._worker
         return worker.proc.pid if worker is not None and worker.alive() else None
 
-    def run(self, fn: Callable[..., Any], items: Sequence[tuple], timeout_s: float | None = None) -> list[JobResult]:
+    def run(self, fn: Callable[..., Any], items: Sequence[tuple], timeout_s: float | None = None,
+            batch_timeout_s: float | None = None) -> list[JobResult]:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-            raise ValueError(f"SubprocessPool.run: timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        for name, value in (("timeout_s", timeout_s), ("batch_timeout_s", batch_timeout_s)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"SubprocessPool.run: {name} must be a positive number of seconds, got {value!r}")
         items = [tuple(args) for args in items]
         with self._lock:
+            if items and (self._worker is None or not self._worker.alive()):
+                self._worker = self._replacement(None)
+            deadline = None if batch_timeout_s is None else time.monotonic() + batch_timeout_s
             results: list[JobResult] = []
             while len(results) < len(items):
-                results += self._run_until_failure(fn, items[len(results):], timeout_s)
+                if deadline is not None and time.monotonic() >= deadline:
+                    cut = len(items) - len(results)
+                    self._counters["over_budget"] += cut
+                    results += [JobResult("over_budget")] * cut
+                    break
+                results += self._run_until_failure(fn, items[len(results):], timeout_s, deadline)
             self._counters["calls"] += len(items)
             return results
 
-    def _run_until_failure(self, fn, items: list[tuple], timeout_s: float) -> list[JobResult]:
+    def _run_until_failure(self, fn, items: list[tuple], timeout_s: float, deadline: float | None) -> list[JobResult]:
         """Results for a prefix of `items`: all of them, or up to and including the first item
-        that timed out or crashed (the worker is then gone)."""
+        that timed out or crashed (the worker is then gone), or up to the item that was running
+        when `deadline` passed (that one excluded: the caller reports it as over budget)."""
         try:
             payload = pickle.dumps((fn, items))
         except Exception as e:
@@ -168,16 +197,25 @@ class SubprocessPool:
                 f"SubprocessPool.run needs a module-level function and picklable arguments; "
                 f"could not send {fn!r}: {type(e).__name__}: {e}"
             ) from e
-        worker = self._send(payload)
+        worker = self._send(payload, deadline)
+        if worker is None:
+            return []
         results: list[JobResult] = []
         while len(results) < len(items):
-            if not worker.recv_conn.poll(timeout_s):
-                self._discard(worker, "timeouts")
+            wait, budget_bound = timeout_s, False
+            if deadline is not None and deadline - time.monotonic() < timeout_s:
+                wait, budget_bound = max(deadline - time.monotonic(), 0.0), True
+            if not worker.recv_conn.poll(wait):
+                worker.kill()
+                if budget_bound:
+                    return results
+                self._counters["timeouts"] += 1
                 return results + [JobResult("timeout")]
             try:
                 index, status, value = worker.recv_conn.recv()
             except (EOFError, OSError):
-                self._discard(worker, "crashes")
+                worker.kill()
+                self._counters["crashes"] += 1
                 return results + [JobResult("crash")]
             if index == -1:
                 raise RuntimeError(
@@ -192,12 +230,15 @@ class SubprocessPool:
             results.append(JobResult(status, value))
         return results
 
-    def _send(self, payload: bytes) -> _Worker:
-        # A worker that died while idle is replaced without charging the batch; a fresh worker
-        # that cannot take a batch means something is broken beyond one bad item.
+    def _send(self, payload: bytes, deadline: float | None) -> _Worker | None:
+        """The worker the payload went to; None if `deadline` passed while waiting for one."""
+        # A worker that died (killed by the last item, or while idle) is replaced without charging
+        # an item; a fresh worker that cannot take a batch means something is broken beyond one bad item.
         for _ in range(2):
             if self._worker is None or not self._worker.alive():
-                self._start()
+                self._worker = self._replacement(deadline)
+                if self._worker is None:
+                    return None
             try:
                 self._worker.send_conn.send_bytes(payload)
                 return self._worker
@@ -206,23 +247,58 @@ class SubprocessPool:
                 self._worker = None
         raise RuntimeError("reward worker process closed its pipe right after starting twice")
 
-    def _start(self) -> None:
+    def _replacement(self, deadline: float | None) -> _Worker | None:
+        """A ready worker: the spare if there is one (waiting, until `deadline`, for it to finish
+        starting), else one started here. Starts the next spare. None if `deadline` passed first."""
         if self._worker is not None:
             self._worker.kill()
+            self._worker = None
+        worker = None
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            try:
+                worker = spare.result(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                self._spare = spare  # still starting: it stays the spare for the next run
+                return None
+            except Exception:
+                worker = None  # it failed to start: starting one here raises the reason
+            if worker is not None and not worker.alive():
+                worker.kill()
+                worker = None
+        if worker is None:
+            worker = _Worker(self.initializer, self.memory_limit_mb, self.start_timeout_s)
+        if self._started:
             self._counters["restarts"] += 1
-        self._worker = None
-        self._worker = _Worker(self.initializer, self.memory_limit_mb, self.start_timeout_s)
+        self._started = True
+        self._start_spare()
+        return worker
 
-    def _discard(self, worker: _Worker, counter: str) -> None:
-        worker.kill()
-        self._counters[counter] += 1
+    def _start_spare(self) -> None:
+        if not self.spare or self._spare is not None:
+            return
+        future: Future = Future()
+
+        def start() -> None:
+            try:
+                future.set_result(_Worker(self.initializer, self.memory_limit_mb, self.start_timeout_s))
+            except BaseException as e:
+                future.set_exception(e)
+
+        threading.Thread(target=start, name="reward-spare-worker", daemon=True).start()
+        self._spare = future
 
     def close(self) -> None:
-        """Kill the worker. The pool stays usable: the next `run` starts a new one."""
+        """Kill the workers (a spare still starting is killed once it is up). The pool stays
+        usable: the next `run` starts new ones."""
         with self._lock:
             if self._worker is not None:
                 self._worker.kill()
                 self._worker = None
+            if self._spare is not None:
+                self._spare.add_done_callback(_kill_started)
+                self._spare = None
+            self._started = False
 
     def __enter__(self) -> "SubprocessPool":
         return self
@@ -231,18 +307,28 @@ class SubprocessPool:
         self.close()
 
 
-def _child_main(recv_fd: int, send_fd: int) -> None:
+def _kill_started(future: Future) -> None:
+    if future.exception() is None:
+        future.result().kill()
+
+
+def _child_main(recv_fd: int, send_fd: int, parent_pid: int) -> None:
     recv_conn = Connection(recv_fd, writable=False)
     send_conn = Connection(send_fd, readable=False)
     # Ctrl-C belongs to the parent; it kills us when it shuts down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    memory_limit_mb, initializer = recv_conn.recv()
+    try:
+        memory_limit_mb, initializer = recv_conn.recv()
+    except EOFError:
+        return  # the parent went away while we started (a spare started just before it exited)
     if memory_limit_mb is not None:
         import resource
 
         limit = memory_limit_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    _watch_parent(os.getppid())
+    # The parent's pid comes from the parent: a spare is started from a background thread and its
+    # parent may already be gone here, when os.getppid() would name init instead.
+    _watch_parent(parent_pid)
     try:
         if initializer is not None:
             initializer()

@@ -3,7 +3,7 @@ actor; the class is plain Python. Every math-verify call inside already has its 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +61,13 @@ class Scores:
 
 
 class RewardWorker:
-    def __init__(self, functions: list[dict], accuracy: Sequence[str], image_tokenizer: str | None = None):
-        self.reward = WeightedReward(functions)
+    """`functions`: reward specs (rewards.combine.RewardSpec); `accuracy`: the component keys that
+    decide accuracy (see `accuracy_of`); `on_call`: passed to WeightedReward, called with a
+    component's key before it runs and None after (the driver names a hung or dead reward with it)."""
+
+    def __init__(self, functions: list[dict], accuracy: Sequence[str], image_tokenizer: str | None = None,
+                 on_call: Callable[[str | None], None] | None = None):
+        self.reward = WeightedReward(functions, on_call=on_call)
         self.image_tokenizer_path = image_tokenizer
         self._image_tokenizer = None
         missing = [k for k in accuracy if k not in self.reward.keys]
@@ -92,6 +97,17 @@ class RewardWorker:
             columns["images"] = self.decode(images)
         out = self.reward(prompts, completions, **columns)
         return Scores(out["total"], accuracy_of(out["components"], self.accuracy), out["components"], out["extras"])
+
+    def counters(self) -> dict[str, int]:
+        """Running totals of the rewards that count events, as "<component>/<name>": MathReward's
+        timeouts, crashes, errors, over_budget (cut off by its batch_timeout_s), restarts, ... so
+        that the driver can log what scored `failure_score` and why."""
+        out: dict[str, int] = {}
+        for key, reward in zip(self.reward.keys, self.reward.rewards):
+            counts = getattr(reward.fn, "counters", None)
+            if isinstance(counts, Mapping):
+                out.update({f"{key}/{name}": value for name, value in counts.items()})
+        return out
 
     def close(self) -> None:
         self.reward.close()

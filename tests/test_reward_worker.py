@@ -42,3 +42,15 @@ def test_columns_and_accuracy_helpers():
     cols = columns_of([{"prompt": "p", "answer": "1", "task": "a"}, {"prompt": "q", "answer": "2", "target": 5}])
     assert cols == {"answer": ["1", "2"], "target": [None, 5], "task": ["a", None]}
     assert accuracy_of({"m": [1.0, math.nan, 0.4], "c": [0.0, 1.0, 0.9]}, ["m", "c"]) == [1.0, 1.0, 0.0]
+
+
+def test_worker_counters_name_the_component():
+    worker = RewardWorker([{"name": "math", "weight": 2.0}, {"name": "format"}], accuracy=["math"])
+    try:
+        worker.score(["q", "q"], ["no answer here", "nor here"], [{"answer": "1"}, {"answer": "2"}])
+        counts = worker.counters()
+    finally:
+        worker.close()
+    assert counts["math/calls"] == 2 and counts["math/no_answer"] == 2
+    assert counts["math/timeouts"] == 0 and counts["math/over_budget"] == 0
+    assert not any(k.startswith("format/") for k in counts)  # a reward without counters adds none

@@ -12,7 +12,10 @@ import time
 
 import pytest
 
-from rewards import CountdownReward, FormatReward, MathReward, SubprocessPool, WeightedReward, extract_answer, sanitize_answer
+from rewards import (
+    CountdownReward, FormatReward, MathReward, SubprocessPool, WeightedReward,
+    extract_answer, normalize_answer, sanitize_answer,
+)
 from rewards.math_reward import _parse_gold, verify_answer, warm_up
 
 HANG = "$9^{9^{9}}$"  # math-verify with its timeouts off spends minutes in sympy on this
@@ -131,6 +134,9 @@ def test_no_model_text_with_letters_reaches_eval():
         "lambda: 1 + 2*(3-4)/5^2",
         "1.5E10 + 3,000.25 - 7 ÷ 2 × 3",
         "\\frac{1}{2} + 0.5",
+        # What normalize_answer produces from full-width, Arabic-Indic, superscript and e-notation text.
+        normalize_answer("１０００ + ٤٢ × 4² - 2.5e-4"),
+        normalize_answer("ｅｘｅｃ(ｂｙｔｅｓ((49,)))"),
     ]
     # A first pass does sympy's lazy imports (sympy.physics.units sympifies its own constant names
     # at import time); then math-verify's caches are emptied so the second pass parses afresh.
@@ -187,6 +193,43 @@ def test_math_reward_rejects_bad_input_early():
     with pytest.raises(ValueError, match="answer_tag must be a tag name"):
         MathReward(answer_tag="<answer>")
     assert reward._pool is None, "building or validating a reward must not start a worker"
+
+
+def test_numbers_are_normalized_before_the_sanitizer():
+    assert normalize_answer("1e3") == "1E3" and normalize_answer("2.5e-4") == "2.5E-4"
+    # Euler's number and names keep their lower-case e.
+    for kept in ["2e", "e^3", "x1e3", "1e3x", "\\frac{e}{2}"]:
+        assert normalize_answer(kept) == kept
+    assert normalize_answer("４２") == "42"  # full-width (NFKC)
+    assert normalize_answer("٤٢") == "42" and normalize_answer("۴۲") == "42"  # Arabic-Indic, Eastern (not NFKC)
+    assert normalize_answer("٣٫٥") == "3.5"
+    # Scripts become exponents and indices before NFKC, which would make 4² into 42.
+    assert normalize_answer("4²") == "4^{2}" and normalize_answer("10⁻³") == "10^{-3}"
+    assert normalize_answer("x₂") == "x_{2}"
+    # Normalizing never lets code past the sanitizer: full-width code is plain code after NFKC.
+    for hostile in ["ｅｘｅｃ(1)", "＿＿import＿＿('os')", "＇1＇", "1½"]:
+        assert sanitize_answer(normalize_answer(hostile)) is None, hostile
+    # Too long: left as is, for the sanitizer to refuse, with no NFKC work spent on it.
+    assert normalize_answer("４" * 1001) == "４" * 1001
+    assert sanitize_answer(normalize_answer("４" * 1001)) is None
+
+
+def test_math_reward_matches_exponents_unicode_digits_and_superscripts(pool):
+    reward = MathReward(pool=pool)
+    cases = [
+        ("1e3", "1000", 1.0),
+        ("1E3", "1000", 1.0),
+        ("2.5e-4", "0.00025", 1.0),
+        ("１０００", "1000", 1.0),
+        ("٤٢", "42", 1.0),
+        ("۴۲", "42", 1.0),
+        ("4²", "16", 1.0),
+        ("4²", "42", 0.0),
+        ("10⁻³", "0.001", 1.0),
+        ("42", "٤٢", 1.0),  # the ground truth is normalized the same way
+    ]
+    completions = [f"<answer>{a}</answer>" for a, _, _ in cases]
+    assert reward(None, completions, answer=[g for _, g, _ in cases]) == [s for _, _, s in cases]
 
 
 # ---- the worker pool ---------------------------------------------------------------------------------
@@ -255,11 +298,45 @@ def test_pool_reports_jobs_and_initializers_the_worker_cannot_use(pool, tmp_path
 def test_pool_close_kills_its_worker():
     p = SubprocessPool(timeout_s=5.0)
     pid = p.run(worker_identity, [()])[0].value[0]
+    spare_pid = p._spare.result(60).proc.pid
     p.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+    with pytest.raises(ProcessLookupError):
+        os.kill(spare_pid, 0)
     assert p.run(echo_or_raise, [("again",)])[0] == ("ok", "again")  # usable after close
     p.close()
+
+
+def slow_start():
+    time.sleep(3.0)
+
+
+def test_a_kill_hands_the_rest_of_the_batch_to_the_spare_without_a_restart_delay():
+    with SubprocessPool(timeout_s=1.0, initializer=slow_start) as p:
+        p.run(echo_or_raise, [("warm",)])
+        p._spare.result(60)  # the first run started the spare in the background; wait until it is up
+        start = time.monotonic()
+        results = p.run(sleep_then_echo, [("a", 60), ("b", 0)])
+        elapsed = time.monotonic() - start
+        assert [r.status for r in results] == ["timeout", "ok"]
+        assert p.counters["restarts"] == 1
+        # 1 s timeout, then "b" runs at once in the spare; a restart would add the 3 s initializer.
+        assert elapsed < 1.0 + 2.0, elapsed
+        assert p._spare is not None  # the next spare is already starting
+
+
+def test_pool_cuts_a_batch_off_at_its_time_budget(pool):
+    pool.run(worker_identity, [()])
+    before = pool.counters
+    start = time.monotonic()
+    results = pool.run(sleep_then_echo, [("a", 0), ("b", 60), ("c", 60), ("d", 0)], timeout_s=1.0, batch_timeout_s=1.5)
+    elapsed = time.monotonic() - start
+    # "b" times out at 1 s; "c" runs in the spare until the budget ends at 1.5 s and is cut off with "d".
+    assert [r.status for r in results] == ["ok", "timeout", "over_budget", "over_budget"]
+    assert pool.counters["over_budget"] == before["over_budget"] + 2
+    assert elapsed < 1.5 + 1.5, elapsed
+    assert pool.run(echo_or_raise, [("after",)])[0] == ("ok", "after")
 
 
 def test_worker_does_not_outlive_a_killed_parent():
@@ -298,10 +375,27 @@ def test_math_reward_hanging_sympy_call_times_out_from_a_thread(pool):
     assert elapsed < 2.0 + 30, elapsed
 
 
+def test_math_reward_bounds_a_batch_of_hanging_answers(pool):
+    # 8 answers that each hang sympy: once 92 s (8 x (timeout + a worker restart)), now the budget.
+    reward = MathReward(pool=pool, timeout_s=2.0, batch_timeout_s=4.0, failure_score=-1.0)
+    pool.run(worker_identity, [()])  # a ready worker, as in a running job
+    before = pool.counters
+    start = time.monotonic()
+    scores, _ = in_thread(reward, None, [f"<answer>{HANG}</answer>"] * 8, answer=["1"] * 8)
+    elapsed = time.monotonic() - start
+    assert scores == [-1.0] * 8
+    timeouts = pool.counters["timeouts"] - before["timeouts"]
+    cut = pool.counters["over_budget"] - before["over_budget"]
+    assert timeouts + cut == 8 and cut >= 6, (timeouts, cut)
+    assert reward.counters["over_budget"] >= cut
+    assert elapsed < 4.0 + 2.0, elapsed
+
+
 def test_rewards_package_does_not_import_sympy_in_the_caller():
-    # The driver and reward actor stay light: only the worker process loads sympy.
+    # The driver and reward actor stay light: only the worker process loads sympy. And no torch:
+    # every worker process imports `rewards`, and torch would add seconds to each (re)start.
     out = subprocess.run(
-        [sys.executable, "-c", "import rewards, sys; print('sympy' in sys.modules)"],
+        [sys.executable, "-c", "import rewards, sys; print('sympy' in sys.modules or 'torch' in sys.modules)"],
         capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert out.stdout.strip() == "False"

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import math
+import pickle
+import re
+import sys
 import textwrap
 
 import pytest
 
-from rewards import PRESETS, Reward, RewardSpec, WeightedReward, available_rewards, build_reward, load_reward, preset, register_reward
+from rewards import (
+    PRESETS, Reward, RewardSpec, WeightedReward, available_rewards, build_reward, check_reward_config, load_reward,
+    preset, register_reward,
+)
 
 PLUGIN = textwrap.dedent(
     '''
@@ -50,6 +56,18 @@ PLUGIN = textwrap.dedent(
 
     def no_score(solution_str, ground_truth):
         return {"acc": 1.0}
+
+    def out_of_range(completions, value, **kwargs):
+        """Returns the column `value` as it is: the boundary's test subject."""
+        return list(value)
+
+    def verl_huge(solution_str, ground_truth):
+        return {"score": 1e39, "note": "too big"}
+
+    def rich_extras(solution_str, ground_truth):
+        import threading
+        return {"score": float(solution_str == ground_truth), "label": "ok", "flag": True,
+                "scalar": np.float32(0.5), "tokens": [1, 2], "lock": threading.Lock(), "missing": None}
 
     class Stateful:
         def __init__(self, offset):
@@ -174,9 +192,9 @@ def test_load_errors_name_the_problem(plugin, tmp_path):
 def test_bad_results_and_calls_name_the_reward(plugin):
     with pytest.raises(ValueError, match=r"reward 'short' returned 1 values for 2 completions"):
         load_reward(f"{plugin}:short")(None, ["a", "b"])
-    with pytest.raises(TypeError, match=r"reward 'wordy' returned str \('good'\) at index 0; expected a float"):
+    with pytest.raises(ValueError, match=r"reward 'wordy' returned str \('good'\) for sample 0; expected a float"):
         load_reward(f"{plugin}:wordy")(None, ["a"])
-    with pytest.raises(ValueError, match="reward 'infinite' returned inf at index 0; expected a finite float"):
+    with pytest.raises(ValueError, match="reward 'infinite' returned inf for sample 0; rewards must be finite"):
         load_reward(f"{plugin}:infinite")(None, ["a"])
     with pytest.raises(ValueError, match=r"reward 'no_score' returned a dict without key 'score' for sample 0 \(keys \['acc'\]\)"):
         load_reward(f"{plugin}:no_score")(None, ["a"], ground_truth=["a"])
@@ -244,3 +262,136 @@ def test_weighted_sum_rejects_bad_specs():
         WeightedReward([])
     with pytest.raises(ValueError, match="non-empty list of reward specs"):
         WeightedReward("format")
+
+
+# ---- the reward boundary: finite, float32, None = does not apply ----------------------------------------
+
+
+def test_reward_boundary_refuses_nan_and_values_outside_float32(plugin):
+    reward = load_reward(f"{plugin}:out_of_range")
+    # In range, at float32's edge, and None ("does not apply") pass.
+    ok = reward(None, ["a", "b", "c"], value=[1.0, -3.4028234e38, None])
+    assert ok[:2] == [1.0, -3.4028234e38] and math.isnan(ok[2])
+    # 1e39 became inf after the float32 cast in training and silently turned learning off.
+    for bad, shown in [(1e39, "1e+39"), (-1e39, "-1e+39"), (10**400, "1000000"), (float("inf"), "inf")]:
+        expected = rf"reward 'out_of_range' returned {re.escape(shown)}.* for sample 1; .*float32 range"
+        with pytest.raises(ValueError, match=expected):
+            reward(None, ["a", "b"], value=[0.0, bad])
+    with pytest.raises(ValueError, match=r"reward 'out_of_range' returned nan for sample 0; return None where"):
+        reward(None, ["a"], value=[float("nan")])
+    with pytest.raises(ValueError, match=r"reward 'verl_huge' returned 1e\+39 for sample 0"):
+        load_reward(f"{plugin}:verl_huge")(None, ["a"], ground_truth=["a"])
+
+
+def test_weighted_sum_names_the_batch_sample_and_bounds_the_total(plugin):
+    # Limited to task "b", the plugin sees rows 1 and 3 as its samples 0 and 1; the error names row 3.
+    combo = WeightedReward([{"name": f"{plugin}:out_of_range", "tasks": ["b"]}])
+    with pytest.raises(ValueError, match=r"reward 'out_of_range' returned 1e\+39 for sample 3;"):
+        combo(None, ["w", "x", "y", "z"], task=["a", "b", "a", "b"], value=[0.0, 1.0, 0.0, 1e39])
+    # Each term in range, the weighted sum not.
+    twice = WeightedReward([{"name": f"{plugin}:out_of_range", "weight": 2.0}])
+    with pytest.raises(ValueError, match=r"weighted sum of the rewards is 6e\+38 for sample 0 .*'out_of_range': 3e\+3"):
+        twice(None, ["a"], value=[3e38])
+
+
+# ---- the plugin path: one rule for component keys, checked before any actor starts ---------------------
+
+
+def test_a_plugin_is_the_accuracy_reward_by_file_path_and_by_dotted_path(plugin, plugin_package):
+    from rewards.worker import RewardWorker
+
+    for name, key in [(f"{plugin}:compute_score", "compute_score"), (f"{plugin_package}.exact_match", "exact_match"),
+                      (f"{plugin_package}:compute_score", "compute_score")]:
+        functions = [{"name": name, "weight": 2.0}, {"name": "format", "weight": 0.5}]
+        # The config check and the worker agree on the key.
+        assert check_reward_config(functions, accuracy=key) == [key, "format"]
+        worker = RewardWorker(functions, accuracy=[key])
+        out = worker.score(["q", "q"], ["7", "8"], [{"answer": "7"}, {"answer": "7"}])
+        assert out.accuracy == [1.0, 0.0] and out.components[key] == [1.0, 0.0], name
+    # An explicit key wins; the full path is not a key.
+    keyed = [{"name": f"{plugin}:compute_score", "key": "exact"}]
+    assert check_reward_config(keyed, ["exact"]) == ["exact"]
+    with pytest.raises(ValueError, match=r"reward.accuracy='.*my_rewards.py:compute_score': expected one of the reward "
+                                         r"components \['exact'\]"):
+        check_reward_config(keyed, [f"{plugin}:compute_score"])
+    assert RewardSpec(f"{plugin}:Stateful.__call__").component_key == "__call__"
+    assert RewardSpec("math").component_key == "math"
+
+
+def test_check_reward_config_loads_every_plugin_and_names_the_problem(plugin, tmp_path):
+    def problem(functions, accuracy=()):
+        with pytest.raises(ValueError) as info:
+            check_reward_config(functions, list(accuracy))
+        return str(info.value)
+
+    assert problem([{"name": "format"}, {"name": "/no/such/file.py:f"}]).startswith(
+        "reward.functions[1]: reward '/no/such/file.py:f': file '/no/such/file.py' does not exist")
+    assert re.match(r"reward.functions\[0\]: reward '.*my_rewards.py:missing': .* has no attribute 'missing' "
+                    r"\(its public callables: \[.*'compute_score'", problem([f"{plugin}:missing"]))
+    broken = tmp_path / "broken_syntax.py"
+    broken.write_text("def f(completions):\n    return [1.0 for c in completions\n")
+    assert re.match(r"reward.functions\[0\]: reward '.*broken_syntax.py:f': running .*broken_syntax.py failed: "
+                    r"SyntaxError: ", problem([{"name": f"{broken}:f"}]))
+    assert re.match(r"reward.functions\[0\]: reward 'no_such_module_for_tests.f': no module named",
+                    problem(["no_such_module_for_tests.f"]))
+    assert re.match(r"reward.functions\[0\]: reward '.*:odd': cannot tell its shape", problem([f"{plugin}:odd"]))
+    assert re.match(r"reward.functions\[0\]: reward '.*:needs_prompts': unknown kwargs \['bonsu'\]; it accepts "
+                    r"\['bonus', 'completions', 'prompts'\]",
+                    problem([{"name": f"{plugin}:needs_prompts", "kwargs": {"bonsu": 1.0}}]))
+    assert re.match(r"reward.functions\[0\]: reward '.*:Stateful': unknown kwargs \['offest'\]",
+                    problem([{"name": f"{plugin}:Stateful", "kwargs": {"offest": 1}}]))
+    assert re.match(r"reward.functions\[0\]: reward '.*:NOT_CALLABLE' is not callable",
+                    problem([f"{plugin}:NOT_CALLABLE"]))
+    assert problem([{"name": "math", "kwargs": {"timeout": 1}}]).startswith(
+        "reward.functions[0]: reward 'math': unknown kwargs ['timeout']; it accepts")
+    assert problem([{"name": "format", "wieght": 1}]).startswith("reward.functions[0]: reward spec")
+    assert problem(["nope"]).startswith("reward.functions[0]: unknown reward 'nope'")
+    assert problem(["format", "format"]).startswith("reward.functions: component keys ['format'] appear twice")
+    assert problem([]).startswith("reward.functions: expected a non-empty list")
+    assert problem(["format"], ["math"]).startswith("reward.accuracy='math': expected one of the reward components")
+    # Built-ins are checked by name and kwargs only, never built: CLIP would load a model here.
+    assert check_reward_config([{"name": "clip", "kwargs": {"path": "/not/loaded/here"}}], []) == ["clip"]
+    # A class plugin is checked, not instantiated.
+    counting = tmp_path / "counting.py"
+    counting.write_text("BUILT = []\nclass R:\n    def __init__(self):\n        BUILT.append(1)\n"
+                        "    def __call__(self, completions):\n        return [0.0] * len(completions)\n")
+    assert check_reward_config([f"{counting}:R"], ["R"]) == ["R"]
+    assert load_reward(f"{counting}:R").fn.__class__.__module__.startswith("_reward_file_counting")
+    assert sys.modules[load_reward(f"{counting}:R").fn.__class__.__module__].BUILT == [1, 1]
+
+
+# ---- extras and the on_call hook ----------------------------------------------------------------------
+
+
+def test_non_numeric_extras_reach_the_driver_as_plain_values(plugin):
+    from rewards.worker import RewardWorker, Scores
+
+    worker = RewardWorker([{"name": f"{plugin}:rich_extras", "key": "rich"}], accuracy=["rich"])
+    out = worker.score(["q", "q"], ["a", "b"], [{"answer": "a"}, {"answer": "a"}])
+    assert out.total == [1.0, 0.0]
+    assert out.extras["rich/label"] == ["ok", "ok"] and out.extras["rich/flag"] == [True, True]
+    assert out.extras["rich/scalar"] == [0.5, 0.5] and type(out.extras["rich/scalar"][0]) is float
+    assert out.extras["rich/tokens"] == ["[1, 2]", "[1, 2]"]  # kept as its repr: logs show it, nothing breaks
+    assert out.extras["rich/lock"][0].startswith("<unlocked _thread.lock")
+    assert out.extras["rich/missing"] == [None, None]
+    # They cross Ray (pickle) and join with parts that lack them.
+    again = pickle.loads(pickle.dumps(out))
+    other = RewardWorker(["format"], accuracy=[]).score(["q"], ["x"], [{"answer": "a"}])
+    joined = Scores.concat([again, Scores(other.total, other.accuracy, {"rich": [0.0]}, {})])
+    assert joined.extras["rich/label"] == ["ok", "ok", None]
+
+
+def test_on_call_names_each_component_while_it_runs(plugin):
+    from rewards.worker import RewardWorker
+
+    calls = []
+    worker = RewardWorker([{"name": "format"}, {"name": f"{plugin}:compute_score", "key": "exact"},
+                           {"name": "countdown", "tasks": ["countdown"]}], accuracy=["exact"], on_call=calls.append)
+    worker.score(["q"], ["a"], [{"answer": "a", "task": "arithmetic"}])
+    assert calls == ["format", None, "exact", None]  # countdown applies to no row: not run, not named
+    calls.clear()
+    with pytest.raises(ValueError, match="needs column 'ground_truth'"):
+        worker.score(["q"], ["a"], [{"task": "arithmetic"}])
+    assert calls == ["format", None, "exact", None]  # None after a reward that raised, too
+    with pytest.raises(ValueError, match="on_call must be callable"):
+        WeightedReward(["format"], on_call="log")
