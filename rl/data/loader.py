@@ -10,10 +10,12 @@ from rl.data.tasks import IMAGE_MODES, load_jsonl, make_mixture, validate_rows
 
 
 def load_split(task_cfg, split: str, seed: int) -> list[dict]:
-    file = task_cfg[f"{split}_file"]
+    """The rows of task.train or task.val (a DictConfig or rl.config.TaskConfig): a JSONL file's rows, or
+    synthetic rows generated in code."""
+    file = getattr(task_cfg, f"{split}_file")
     if file is not None:
         return load_jsonl(file)
-    rows = make_mixture(dict(task_cfg[split]), seed=seed, split="train" if split == "train" else "val")
+    rows = make_mixture(dict(getattr(task_cfg, split)), seed=seed, split="train" if split == "train" else "val")
     return validate_rows(rows, f"task.{split}")
 
 
