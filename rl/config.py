@@ -61,16 +61,20 @@ def _one_of(key: str, value, choices) -> None:
         _bad(key, value, f"expected one of {list(choices)}")
 
 
+# A key an option file may leave as ??? (a value the user must give, e.g. model=mmada_8b's path) has
+# no default here: OmegaConf's merge never lets ??? replace a default, so it would be lost silently.
+
+
 @dataclass
 class ModelConfig:
     # null = the tiny checkpoint shipped in recipes/assets/tiny-llada; otherwise a local directory
     # (config.json + *.safetensors + tokenizer), e.g. a LLaDA-8B-Instruct download.
-    path: Optional[str] = None
+    path: Optional[str] = MISSING
     dtype: str = "float32"
     lora: Optional[Dict[str, Any]] = None  # e.g. {r: 16, alpha: 32}; the reference is then the adapter-disabled base
     # Models with image codes (LLaDAConfig.codebook_size > 0): the image tokenizer's directory
     # (rl/models/vq.py; config.json + model.safetensors). null = the shipped tiny VQ.
-    image_tokenizer: Optional[str] = None
+    image_tokenizer: Optional[str] = MISSING
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
@@ -93,7 +97,7 @@ class RewardConfig:
     # The reward(s) that decide validation accuracy (a score of at least 0.5 counts as correct).
     accuracy: Any = MISSING
     num_workers: int = 1
-    clip_path: Optional[str] = None  # CLIP for the clip reward; null = the shipped tiny CLIP
+    clip_path: Optional[str] = MISSING  # a local CLIP for the clip reward; null = the shipped tiny CLIP (or none used)
     timeout_s: float = 300.0  # deadline of one reward call; the worker is killed and restarted after it
     on_timeout: str = "fail"  # fail: stop the run naming the reward; zero: score the batch 0 and count it
 
@@ -208,7 +212,7 @@ class LoggerConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = MISSING
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: Dict[str, Any] = MISSING
     reward: RewardConfig = MISSING  # MISSING, not a default instance: their option files fill them in
@@ -259,14 +263,28 @@ def image_tokenizer_path(cfg) -> str | None:
     return None if path is None else str(Path(path).expanduser())
 
 
+def _missing(node, prefix: str = "") -> list[str]:
+    """Keys left as ??? in config order (unresolved: a key that only interpolates one is not named)."""
+    if node == "???":
+        return [prefix]
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    return [k for key, value in items
+            for k in _missing(value, f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}".lstrip("."))]
+
+
 def validate(cfg: DictConfig) -> Config:
     """Check everything a run needs before any actor starts; returns the config as the schema's
     dataclasses. Raises one ConfigError naming the key, file or row."""
-    try:  # a mandatory value left as ??? (e.g. model=mmada_8b without model.path) fails here, by name
+    # A mandatory value left as ??? (e.g. model=mmada_8b without model.path) fails here, by its own
+    # name rather than that of a key interpolating it.
+    missing = _missing(OmegaConf.to_container(cfg, resolve=False))
+    try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (MissingMandatoryValue, InterpolationResolutionError) as e:
-        key = getattr(e, "full_key", None) or str(e)
-        raise ConfigError(f"config {key}: a value is required (e.g. {key}=/path/to/local/dir)") from None
+        missing = missing or [getattr(e, "full_key", None) or str(e)]
+    if missing:
+        key = missing[0]
+        raise ConfigError(f"config {key}: a value is required (e.g. {key}=/path/to/local/dir)")
     c: Config = build(Config, cfg)
 
     try:

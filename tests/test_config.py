@@ -115,6 +115,9 @@ def spoilt(tmp_path_factory):
     ("reward.timeout_s=0", r"reward.timeout_s=0.0: expected a number > 0"),
     ("trainer.skip_warn_steps=0", r"trainer.skip_warn_steps=0: expected an integer >= 1"),
     ("+task.train.sudoku=5", r"task.train=\{'arithmetic': 5000, 'sudoku': 5\}: expected a mapping of task names"),
+    # A value an option file leaves to the user (???) must not fall back to the schema's default.
+    ("model=mmada_8b", r"model.path: a value is required"),
+    ("reward=t2i_clip_l14", r"reward.clip_path: a value is required"),
     # Broken files the config names.
     ("model.path={d}/truncated", r"model.path: .*truncated/model.safetensors: tensor .* lies at bytes .* \(truncated\?\)"),
     ("model.path={d}/bad_json", r"model.path: .*bad_json/config.json: not valid JSON"),
