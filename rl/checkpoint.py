@@ -17,8 +17,9 @@ complete global_step_N that the tracker may not name yet; resume follows the tra
 lands on a complete checkpoint. Resume also re-hashes the files against MANIFEST.json: a damaged
 newest checkpoint (bit flip, truncated or missing file) is skipped with a warning naming the file, in
 favour of the newest intact one; a damaged checkpoint named explicitly is an error. A checkpoint
-written before manifests existed is accepted with a warning (nothing to check it against). save_fn runs on the driver: with several nodes, run_dir must be on a
-file system every learner can write to.
+written before manifests existed is accepted with a warning (nothing to check it against).
+save_fn runs on the driver: with several nodes, run_dir must be on a file system every learner can
+write to.
 """
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ rollout.sampler) and `algorithm.hyper` (checked by rl.estimators.build_estimator
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -163,7 +162,8 @@ class TrainerConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     save_every: int = 10  # 0 = never
     keep_last: int = 2  # checkpoints kept; 0 = all
-    resume: Optional[str] = None  # null: fresh run; auto: the newest intact checkpoint in the run dir; or a global_step_N path
+    # null: fresh run; auto: the newest intact checkpoint in the run dir; or a .../global_step_N path
+    resume: Optional[str] = None
     on_actor_failure: str = "retry"  # retry: restart a dead rollout/reward actor and retry; fail: stop cleanly
     max_retries: int = 2
     skip_warn_steps: int = 3  # warn when this many training steps in a row skipped the optimizer step
@@ -185,7 +185,8 @@ class TrainerConfig:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # null: start Ray locally on 127.0.0.1; HOST:PORT joins a cluster started with `ray start`
+    # null: start Ray locally on 127.0.0.1; HOST:PORT joins a cluster started with `ray start`
+    address: Optional[str] = None
     num_cpus: int = 8  # logical CPUs declared to a local Ray (generous, so every actor fits on two cores)
     placement_timeout_s: float = 60.0
     dashboard: bool = False
@@ -293,7 +294,8 @@ def validate(cfg: DictConfig) -> Config:
         raise ConfigError(f"model.path: {e}") from None
     tok_dir = image_tokenizer_path(c)
     if tok_dir is not None and not (Path(tok_dir) / "config.json").is_file():
-        _bad("model.image_tokenizer", tok_dir, "expected a directory holding an image tokenizer (config.json + model.safetensors)")
+        _bad("model.image_tokenizer", tok_dir,
+             "expected a directory holding an image tokenizer (config.json + model.safetensors)")
 
     _check_tasks(c)
     _check_rollout(c.rollout)

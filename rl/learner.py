@@ -39,12 +39,12 @@ def _check_lora(lora: dict | None):
     from peft import LoraConfig
 
     if not isinstance(lora, dict):
-        fail("model.lora", lora, "expected None or a dict of peft LoraConfig fields (r, lora_alpha, target_modules, ...)")
+        fail("model.lora", lora, "expected None or a dict of peft LoraConfig fields (r, lora_alpha, ...)")
     lora = dict(lora)
     for short, full in LORA_ALIASES.items():
         if short in lora:
             if full in lora:
-                fail(f"model.lora.{short}", lora[short], f"expected not to be given together with lora.{full} (the same setting)")
+                fail(f"model.lora.{short}", lora[short], f"expected alone, not with lora.{full} (the same setting)")
             lora[full] = lora.pop(short)
     kw = {**LORA_DEFAULTS, **lora}
     if not isinstance(kw["r"], int) or isinstance(kw["r"], bool) or kw["r"] < 1:

