@@ -185,6 +185,29 @@ def test_save_load_resumes_exactly(ckpt, tmp_path, zero_stage):
     assert_same(saved, exported.state_dict())
 
 
+def test_bit_flip_in_a_saved_learner_checkpoint_falls_back_to_the_older_one(ckpt, tmp_path):
+    from rl.checkpoint import CheckpointManager, resolve_resume
+
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    a = learner(ckpt)
+    try:
+        for step in (1, 2):
+            a.update(make_batch(), step)
+            mgr.save(step, lambda path: a.save(path / "actor"), {})
+    finally:
+        a.close()
+    # One byte in the middle of the largest file (DeepSpeed's model or optimizer states): a weight of
+    # 2.6e13 resumed silently before checkpoints carried a manifest.
+    files = [p for p in mgr.step_dir(2).rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    largest.write_bytes(bytes(data))
+    name = largest.relative_to(mgr.step_dir(2)).as_posix()
+    with pytest.warns(UserWarning, match=rf"global_step_2 is damaged: {name} does not match.*global_step_1 instead"):
+        assert resolve_resume("auto", tmp_path) == mgr.step_dir(1)
+
+
 @pytest.mark.parametrize("change,message", [
     # The same checks rl.config.validate runs on trainer.optim (rl.config.OptimConfig)...
     (dict(optim={"lr": 0.0}), r"trainer.optim.lr=0.0: expected a number > 0"),
