@@ -308,6 +308,14 @@ def validate(cfg: DictConfig) -> Config:
              f"expected a multiple of trainer.num_learners={tr.num_learners} (each learner rank takes whole groups)")
 
     _check_rewards(c.reward)
+    if tr.resume not in (None, "", "auto", "disable"):
+        # Structure only (cheap): rl.checkpoint.resolve_resume hashes the files against the manifest.
+        from rl.checkpoint import missing_parts
+
+        missing = missing_parts(tr.resume)
+        if missing:
+            _bad("trainer.resume", tr.resume, f"expected 'auto', 'disable' or a complete .../global_step_N "
+                 f"checkpoint directory (missing {', '.join(missing)})")
     return c
 
 

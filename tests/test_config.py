@@ -119,6 +119,7 @@ def spoilt(tmp_path_factory):
     ("model=mmada_8b", r"model.path: a value is required"),
     ("reward=t2i_clip_l14", r"reward.clip_path: a value is required"),
     # Broken files the config names.
+    ("trainer.resume={d}", r"trainer.resume=.*spoilt.*: expected 'auto', 'disable' or a complete .*missing"),
     ("model.path={d}/truncated", r"model.path: .*truncated/model.safetensors: tensor .* lies at bytes .* \(truncated"),
     ("model.path={d}/bad_json", r"model.path: .*bad_json/config.json: not valid JSON"),
     ("model.path={d}/neg_d_model", r"model.path: .*neg_d_model/config.json: LLaDAConfig.d_model=-3: expected a"),
