@@ -193,7 +193,7 @@ class Learner:
         if B % G:
             fail("batch.group_size", G, f"expected a divisor of the batch size {B}")
         if (B // G) % self.world_size:
-            fail("batch", f"{B // G} groups", f"expected a number of groups divisible by world_size={self.world_size}")
+            fail("batch.groups", B // G, f"expected a multiple of world_size={self.world_size} (whole groups per rank)")
         n = B // self.world_size
         rows = slice(self.rank * n, (self.rank + 1) * n)
 

@@ -284,7 +284,7 @@ def test_two_ranks_zero3_matches_zero0_and_skips_nonfinite_together(ckpt, tmp_pa
         assert r0[name]["skip"]["skipped_steps"] == r1[name]["skip"]["skipped_steps"] == UNIGRPO["mu"]
         assert r0[name]["skip_kept_weights"] and r1[name]["none_on_rank1"]
         assert r0[name]["metrics"]["skipped_steps"] == 0
-        assert r0[name]["shard_error"].startswith("batch: expected a number of groups divisible by world_size=2")
+        assert r0[name]["shard_error"].startswith("batch.groups=1: expected a multiple of world_size=2")
         if stage == 3:
             assert r0[name]["resumed_exactly"]
             assert_same(sd[name], load_model(tmp_path / name / "hf").state_dict())
