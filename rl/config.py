@@ -16,6 +16,7 @@ rollout.sampler) and `algorithm.hyper` (checked by rl.estimators.build_estimator
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -30,7 +31,8 @@ from rl.errors import ConfigError, fail
 from rl.estimators import build_estimator
 from rl.models import TINY_CHECKPOINT, check_model_files
 from rl.tracking import LOGGERS
-from rollout.rollout import WORKER_KEYS, sampler_config
+from rollout.image import ImageSamplerConfig
+from rollout.rollout import SAMPLERS, WORKER_KEYS, sampler_config
 
 ASSETS = Path(__file__).resolve().parents[1] / "recipes" / "assets"
 # ${asset:NAME} in a config is the shipped directory recipes/assets/NAME, wherever the repo is.
@@ -337,11 +339,32 @@ def _check_tasks(c: Config) -> None:
                 raise ConfigError(f"task.{split}_file: {e}") from None
 
 
+def _check_types(prefix: str, cls: type, values: dict) -> None:
+    """Each value against the type of the same-named field of a sampler dataclass, so a wrong type is
+    named here rather than surfacing as a comparison error inside its checks (rollout is free-form)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        allowed = typing.get_args(hints[key]) or (hints[key],)  # float | None -> (float, NoneType)
+        ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+        if not ok or (isinstance(value, bool) and bool not in allowed):
+            _bad(f"{prefix}{key}", value, f"expected {' or '.join(t.__name__ for t in allowed)}")
+
+
 def _check_rollout(r: dict) -> None:
+    if r.get("sampler") in SAMPLERS:
+        _check_types("rollout.", SAMPLERS[r["sampler"]], r)
     try:
         sampler_config(r)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"rollout: {e}") from None
+    image = r.get("image") or {}
+    _check_types("rollout.image.", ImageSamplerConfig, image)
+    try:
+        ImageSamplerConfig(**image)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"rollout.image: {e}") from None
     missing = sorted(WORKER_KEYS - {"image"} - set(r))
     if missing:
         raise ConfigError(f"rollout: missing key(s) {missing}")

@@ -109,6 +109,10 @@ def spoilt(tmp_path_factory):
     ("trainer.max_retries=abc", "trainer.max_retries=abc"),
     # Wrong values, found by validate().
     ("rollout.micro_batch=-1", r"rollout.micro_batch=-1: expected an integer >= 0"),
+    ("rollout.temperature=abc", r"rollout.temperature='abc': expected float"),
+    ("rollout.early_stop=maybe", r"rollout.early_stop='maybe': expected bool"),
+    ("rollout.image.steps=abc", r"rollout.image.steps='abc': expected int"),
+    ("rollout.image.steps=0", r"rollout.image.steps=0: expected a positive integer"),
     ("trainer.keep_last=-1", r"trainer.keep_last=-1: expected an integer >= 0"),
     ("trainer.optim.lr=0", r"trainer.optim.lr=0.0: expected a number > 0"),
     ("reward.on_timeout=retry", r"reward.on_timeout='retry': expected one of \['fail', 'zero'\]"),
