@@ -1,144 +1,392 @@
-"""Check a composed training config before any actor starts: one clear message per problem."""
+"""The config schema (every key's type, default and check, once) and the check of a composed config.
+
+The dataclasses below are registered with Hydra's ConfigStore as `schema`, the first entry of
+conf/config.yaml's defaults list: the YAML option files (conf/<group>/*.yaml, recipes/recipe/*.yaml)
+merge into them, so Hydra rejects a wrongly typed value (`trainer.optim.lr=abc`) or an unknown key
+(`trainer.foo=1`) at composition, naming the key. Groups with one obvious setting (trainer, ray,
+logger) have no YAML at all: their defaults are here. Groups that are choices (model, task, reward,
+algorithm, rollout) keep their values in their option files.
+
+`validate(cfg)` then checks values and cross-group rules, and the files the config names (model
+directory, safetensors headers, task files), so that bad input gets one message before Ray starts.
+Two groups stay free-form on purpose: `rollout` (its sampler keys and checks live in the sampler
+dataclasses, rollout/sampler.py and rollout/fast.py; which keys are allowed depends on
+rollout.sampler) and `algorithm.hyper` (checked by rl.estimators.build_estimator).
+"""
 from __future__ import annotations
 
+import math
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any, Dict, List, Optional
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from rewards.combine import RewardSpec
 from rewards.registry import available_rewards
+from rl.errors import ConfigError, fail
 from rl.estimators import build_estimator
-from rl.models import TINY_CHECKPOINT, check_checkpoint_dir
+from rl.models import TINY_CHECKPOINT, check_model_files
 from rl.tracking import LOGGERS
-from rollout.rollout import sampler_config
+from rollout.image import ImageSamplerConfig
+from rollout.rollout import SAMPLERS, WORKER_KEYS, sampler_config
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ASSETS = Path(__file__).resolve().parents[1] / "recipes" / "assets"
 # ${asset:NAME} in a config is the shipped directory recipes/assets/NAME, wherever the repo is.
 OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS / name), replace=True)
-GROUPS = ("model", "task", "rollout", "reward", "algorithm", "trainer", "ray", "logger")
-TOP_LEVEL = set(GROUPS) | {"seed"}
+
+__all__ = ["ConfigError", "Config", "OptimConfig", "build", "validate", "model_path", "image_tokenizer_path"]
 
 
-class ConfigError(ValueError):
-    pass
+def _bad(key: str, value, why: str):
+    fail(key, value, why, ConfigError)
 
 
-def known_keys(group: str) -> set[str]:
-    """A group's keys are those its option files in conf/ define; anything else is a typo."""
-    keys: set[str] = set()
-    for path in (CONF_DIR / group).glob("*.yaml"):
-        keys |= set(yaml.safe_load(path.read_text()) or {})
-    return keys
+def _int(key: str, value, low: int, why: str = "") -> None:
+    # OmegaConf already enforces int-ness for typed fields; this guards direct dataclass construction.
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        _bad(key, value, f"expected an integer >= {low}{why}")
 
 
-def model_path(cfg: DictConfig) -> str:
+def _num(key: str, value, low: float, strict: bool = True, why: str = "") -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= low if strict else value < low):
+        _bad(key, value, f"expected a number {'>' if strict else '>='} {low}{why}")
+
+
+def _one_of(key: str, value, choices) -> None:
+    if value not in choices:
+        _bad(key, value, f"expected one of {list(choices)}")
+
+
+# A key an option file may leave as ??? (a value the user must give, e.g. model=mmada_8b's path) has
+# no default here: OmegaConf's merge never lets ??? replace a default, so it would be lost silently.
+
+
+@dataclass
+class ModelConfig:
+    # null = the tiny checkpoint shipped in recipes/assets/tiny-llada; otherwise a local directory
+    # (config.json + *.safetensors + tokenizer), e.g. a LLaDA-8B-Instruct download.
+    path: Optional[str] = MISSING
+    dtype: str = "float32"
+    lora: Optional[Dict[str, Any]] = None  # e.g. {r: 16, alpha: 32}; the reference is then the adapter-disabled base
+    # Models with image codes (LLaDAConfig.codebook_size > 0): the image tokenizer's directory
+    # (rl/models/vq.py; config.json + model.safetensors). null = the shipped tiny VQ.
+    image_tokenizer: Optional[str] = MISSING
+
+    def __post_init__(self):
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+
+
+@dataclass
+class TaskConfig:
+    # Synthetic tasks are generated in code (rl/data/tasks.py): {task name: row count}. Empty by
+    # default, because a dict default would be merged with (not replaced by) the option file's.
+    train: Dict[str, int] = field(default_factory=dict)
+    val: Dict[str, int] = field(default_factory=dict)
+    # JSONL files used instead ({"prompt": ..., "answer": ...} per line; prompt may be a chat message list).
+    train_file: Optional[str] = None
+    val_file: Optional[str] = None
+
+
+@dataclass
+class RewardConfig:
+    functions: List[Any] = MISSING  # [{name, weight, key?, tasks?, kwargs?}], see rewards/combine.py
+    # The reward(s) that decide validation accuracy (a score of at least 0.5 counts as correct).
+    accuracy: Any = MISSING
+    num_workers: int = 1
+    clip_path: Optional[str] = MISSING  # a local CLIP for the clip reward; null = the shipped tiny CLIP (or none used)
+    timeout_s: float = 300.0  # deadline of one reward call; the worker is killed and restarted after it
+    on_timeout: str = "fail"  # fail: stop the run naming the reward; zero: score the batch 0 and count it
+
+    def __post_init__(self):
+        _int("reward.num_workers", self.num_workers, 1)
+        _num("reward.timeout_s", self.timeout_s, 0)
+        _one_of("reward.on_timeout", self.on_timeout, ("fail", "zero"))
+
+
+@dataclass
+class AlgorithmConfig:
+    # Values live in conf/algorithm/<name>.yaml; `hyper` goes to rl.estimators.build_estimator as is.
+    name: str = MISSING
+    group_size: int = MISSING
+    mu: int = MISSING
+    scale_adv_by_std: bool = MISSING
+    adv_baseline: str = "mean"  # the group baseline: mean, or leave_one_out (DiffuCoder's RLOO)
+    hyper: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _int("algorithm.group_size", self.group_size, 2, " (group advantages need at least two answers)")
+        _int("algorithm.mu", self.mu, 1)
+        _one_of("algorithm.adv_baseline", self.adv_baseline, ("mean", "leave_one_out"))
+        if "mask_id" in self.hyper:
+            _bad("algorithm.hyper.mask_id", self.hyper["mask_id"], "not set (it is read from the model's config)")
+        try:
+            build_estimator(self.name, **self.hyper)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"algorithm ({self.name}): {e}") from None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with gradient clipping; lr rises linearly over warmup_steps (optimizer steps, mu per
+    training step), then stays. rl.learner.Learner builds one from a plain dict, so a library user
+    gets these same checks."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        _num("trainer.optim.lr", self.lr, 0, why=" (a learning rate)")
+        _num("trainer.optim.weight_decay", self.weight_decay, 0, strict=False)
+        if not (len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            _bad("trainer.optim.betas", list(self.betas), "expected two numbers in [0, 1)")
+        _num("trainer.optim.eps", self.eps, 0)
+        _num("trainer.optim.max_grad_norm", self.max_grad_norm, 0, why=" (a clipping norm)")
+        _int("trainer.optim.warmup_steps", self.warmup_steps, 0)
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 40
+    prompts_per_step: int = 8
+    val_every: int = 5  # 0 = never (besides val_before_train)
+    val_before_train: bool = True
+    num_learners: int = 1
+    zero_stage: int = 0
+    device: str = "cpu"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    save_every: int = 10  # 0 = never
+    keep_last: int = 2  # checkpoints kept; 0 = all
+    # null: fresh run; auto: the newest intact checkpoint in the run dir; or a .../global_step_N path
+    resume: Optional[str] = None
+    on_actor_failure: str = "retry"  # retry: restart a dead rollout/reward actor and retry; fail: stop cleanly
+    max_retries: int = 2
+    skip_warn_steps: int = 3  # warn when this many training steps in a row skipped the optimizer step
+    logger: List[str] = field(default_factory=lambda: ["console"])
+    project: str = "dllm-rl"
+    experiment_name: Optional[str] = None  # default: the algorithm name
+
+    def __post_init__(self):
+        for key in ("total_steps", "prompts_per_step", "num_learners", "skip_warn_steps"):
+            _int(f"trainer.{key}", getattr(self, key), 1)
+        for key in ("val_every", "save_every", "keep_last", "max_retries"):
+            _int(f"trainer.{key}", getattr(self, key), 0)
+        _one_of("trainer.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _one_of("trainer.device", self.device, ("cpu", "cuda"))
+        _one_of("trainer.on_actor_failure", self.on_actor_failure, ("retry", "fail"))
+        if not set(self.logger) <= set(LOGGERS):
+            _bad("trainer.logger", list(self.logger), f"expected a list drawn from {list(LOGGERS)}")
+
+
+@dataclass
+class RayConfig:
+    # null: start Ray locally on 127.0.0.1; HOST:PORT joins a cluster started with `ray start`
+    address: Optional[str] = None
+    num_cpus: int = 8  # logical CPUs declared to a local Ray (generous, so every actor fits on two cores)
+    placement_timeout_s: float = 60.0
+    dashboard: bool = False
+    threads_per_actor: int = 1
+    placement_strategy: str = "PACK"  # SPREAD puts rollout workers on different nodes of a cluster
+    node_ip_address: Optional[str] = None  # this driver's address when joining a cluster; null = Ray's detection
+
+    def __post_init__(self):
+        if self.address is not None and ":" not in self.address:
+            _bad("ray.address", self.address, "expected HOST:PORT of a running Ray head (from `ray start --head`)")
+        _int("ray.num_cpus", self.num_cpus, 1)
+        _int("ray.threads_per_actor", self.threads_per_actor, 1)
+        _num("ray.placement_timeout_s", self.placement_timeout_s, 0, why=" (seconds)")
+        _one_of("ray.placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+
+
+@dataclass
+class LoggerConfig:
+    wandb_mode: str = "offline"  # online only when you configure it (and have network access)
+
+    def __post_init__(self):
+        _one_of("logger.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: Dict[str, Any] = MISSING
+    reward: RewardConfig = MISSING  # MISSING, not a default instance: their option files fill them in
+    algorithm: AlgorithmConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _field_types(schema: type) -> dict[str, type | None]:
+    # Field types are strings (annotations are postponed); only the schema's own dataclasses matter here.
+    return {f.name: globals().get(f.type) if isinstance(f.type, str) else f.type for f in fields(schema)}
+
+
+def _check_keys(schema: type, values, prefix: str) -> None:
+    """Reject keys the schema does not define, listing the known ones. Hydra's `+group.key=value` can
+    append a key even to a typed node, and OmegaConf.merge would then drop it silently."""
+    types = _field_types(schema)
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: unknown key(s) {unknown}; known keys: {sorted(types)}")
+    for key, sub in types.items():
+        node = values.get(key) if hasattr(values, "get") else None
+        if is_dataclass(sub) and hasattr(node, "keys"):
+            _check_keys(sub, node, f"{prefix}{key}.")
+
+
+def build(schema: type, values, prefix: str = ""):
+    """`values` (a DictConfig or dict) merged into `schema`'s defaults and checked: an instance of
+    `schema`, or one ConfigError naming the key (with the known keys, for an unknown one)."""
+    _check_keys(schema, values, prefix)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except ValidationError as e:
+        raise ConfigError(f"{prefix}{e.full_key}: {e.msg.splitlines()[0]}") from None
+
+
+def model_path(cfg) -> str:
     return str(TINY_CHECKPOINT if cfg.model.path is None else Path(cfg.model.path).expanduser())
 
 
-def image_tokenizer_path(cfg: DictConfig) -> str | None:
-    path = cfg.model.get("image_tokenizer")
+def image_tokenizer_path(cfg) -> str | None:
+    path = cfg.model.get("image_tokenizer") if isinstance(cfg.model, DictConfig) else cfg.model.image_tokenizer
     return None if path is None else str(Path(path).expanduser())
 
 
-def validate(cfg: DictConfig) -> None:
-    def bad(key: str, value, expected: str):
-        raise ConfigError(f"config {key}={value!r}: expected {expected}")
+def _missing(node, prefix: str = "") -> list[str]:
+    """Keys left as ??? in config order (unresolved: a key that only interpolates one is not named)."""
+    if node == "???":
+        return [prefix]
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    return [k for key, value in items
+            for k in _missing(value, f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}".lstrip("."))]
 
-    try:  # a mandatory value left as ??? (e.g. model=mmada_8b without model.path) fails here, by name
+
+def validate(cfg: DictConfig) -> Config:
+    """Check everything a run needs before any actor starts; returns the config as the schema's
+    dataclasses. Raises one ConfigError naming the key, file or row."""
+    # A mandatory value left as ??? (e.g. model=mmada_8b without model.path) fails here, by its own
+    # name rather than that of a key interpolating it.
+    missing = _missing(OmegaConf.to_container(cfg, resolve=False))
+    try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (MissingMandatoryValue, InterpolationResolutionError) as e:
-        key = getattr(e, "full_key", None) or str(e)
-        raise ConfigError(f"config {key}: a value is required (e.g. {key}=/path/to/local/dir)") from None
-    for key in cfg:
-        if key not in TOP_LEVEL:
-            raise ConfigError(f"config: unknown top-level key {key!r}; expected one of {sorted(TOP_LEVEL)}")
-    for group in GROUPS:
-        unknown = sorted(set(cfg[group]) - known_keys(group))
-        if unknown:
-            raise ConfigError(f"config {group}: unknown key(s) {unknown}; known keys: {sorted(known_keys(group))}")
+        missing = missing or [getattr(e, "full_key", None) or str(e)]
+    if missing:
+        key = missing[0]
+        raise ConfigError(f"config {key}: a value is required (e.g. {key}=/path/to/local/dir)")
+    c: Config = build(Config, cfg)
 
     try:
-        check_checkpoint_dir(model_path(cfg))
-    except FileNotFoundError as e:
-        raise ConfigError(f"config model.path: {e}") from None
-
-    tok_dir = image_tokenizer_path(cfg)
+        check_model_files(model_path(c))
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.path: {e}") from None
+    tok_dir = image_tokenizer_path(c)
     if tok_dir is not None and not (Path(tok_dir) / "config.json").is_file():
-        bad("model.image_tokenizer", tok_dir, "a directory holding an image tokenizer (config.json + model.safetensors)")
+        _bad("model.image_tokenizer", tok_dir,
+             "expected a directory holding an image tokenizer (config.json + model.safetensors)")
 
-    t, a, r, tr = cfg.task, cfg.algorithm, cfg.rollout, cfg.trainer
-    for split in ("train", "val"):
-        file = t[f"{split}_file"]
-        if file is not None and not Path(file).is_file():
-            bad(f"task.{split}_file", file, "an existing JSONL file")
-        if file is None and not t[split]:
-            bad(f"task.{split}", t[split], "a mapping of task name to row count, or task." + f"{split}_file")
+    _check_tasks(c)
+    _check_rollout(c.rollout)
 
-    if not isinstance(a.group_size, int) or a.group_size < 2:
-        bad("algorithm.group_size", a.group_size, "an integer >= 2 (group advantages need at least two answers)")
-    if not isinstance(a.mu, int) or a.mu < 1:
-        bad("algorithm.mu", a.mu, "an integer >= 1")
-    try:
-        build_estimator(a.name, **OmegaConf.to_container(a.hyper))
-    except ValueError as e:
-        raise ConfigError(f"config algorithm ({a.name}): {e}") from None
-
-    try:
-        sampler_config(OmegaConf.to_container(r))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config rollout: {e}") from None
-
-    for key in ("total_steps", "prompts_per_step", "num_learners"):
-        if not isinstance(tr[key], int) or tr[key] < 1:
-            bad(f"trainer.{key}", tr[key], "an integer >= 1")
-    for key, n in (("rollout.num_workers", r.num_workers), ("reward.num_workers", cfg.reward.num_workers),
-                   ("rollout.val_n", r.val_n)):
-        if not isinstance(n, int) or n < 1:
-            bad(key, n, "an integer >= 1")
-    if tr.prompts_per_step % r.num_workers:
-        bad("trainer.prompts_per_step", tr.prompts_per_step, f"a multiple of rollout.num_workers={r.num_workers}")
+    tr, n = c.trainer, c.rollout["num_workers"]
+    if tr.prompts_per_step % n:
+        _bad("trainer.prompts_per_step", tr.prompts_per_step, f"expected a multiple of rollout.num_workers={n}")
     if tr.prompts_per_step % tr.num_learners:
-        bad("trainer.prompts_per_step", tr.prompts_per_step,
-            f"a multiple of trainer.num_learners={tr.num_learners} (each learner rank takes whole groups)")
-    if tr.zero_stage not in (0, 1, 2, 3):
-        bad("trainer.zero_stage", tr.zero_stage, "0, 1, 2 or 3")
-    if tr.optim.lr <= 0:
-        bad("trainer.optim.lr", tr.optim.lr, "a learning rate > 0")
-    for key in ("val_every", "save_every"):
-        if not isinstance(tr[key], int) or tr[key] < 0:
-            bad(f"trainer.{key}", tr[key], "an integer >= 0 (0 = never)")
-    for name in tr.logger:
-        if name not in LOGGERS:
-            bad("trainer.logger", list(tr.logger), f"a list drawn from {list(LOGGERS)}")
-    if tr.on_actor_failure not in ("retry", "fail"):
-        bad("trainer.on_actor_failure", tr.on_actor_failure, "'retry' or 'fail'")
-    if tr.device not in ("cpu", "cuda"):
-        bad("trainer.device", tr.device, "'cpu' or 'cuda'")
+        _bad("trainer.prompts_per_step", tr.prompts_per_step,
+             f"expected a multiple of trainer.num_learners={tr.num_learners} (each learner rank takes whole groups)")
 
-    functions = cfg.reward.functions
-    if not functions:
-        bad("reward.functions", functions, "a non-empty list of {name, weight}")
+    _check_rewards(c.reward)
+    if tr.resume not in (None, "", "auto", "disable"):
+        # Structure only (cheap): rl.checkpoint.resolve_resume hashes the files against the manifest.
+        from rl.checkpoint import missing_parts
+
+        missing = missing_parts(tr.resume)
+        if missing:
+            _bad("trainer.resume", tr.resume, f"expected 'auto', 'disable' or a complete .../global_step_N "
+                 f"checkpoint directory (missing {', '.join(missing)})")
+    return c
+
+
+def _check_tasks(c: Config) -> None:
+    from rl.data.loader import load_split
+    from rl.data.tasks import GENERATORS
+
+    for split in ("train", "val"):
+        file, counts = getattr(c.task, f"{split}_file"), getattr(c.task, split)
+        if file is None and (not counts or not set(counts) <= set(GENERATORS) or min(counts.values()) < 1):
+            _bad(f"task.{split}", counts, f"expected a mapping of task names from {sorted(GENERATORS)} to row "
+                 f"counts >= 1, or task.{split}_file")
+        if file is not None:
+            try:  # every row read and checked now (a few MB at most), so a bad row never reaches an actor
+                load_split(c.task, split, c.seed)
+            except FileNotFoundError:
+                _bad(f"task.{split}_file", file, "expected an existing JSONL file")
+            except ValueError as e:
+                raise ConfigError(f"task.{split}_file: {e}") from None
+
+
+def _check_types(prefix: str, cls: type, values: dict) -> None:
+    """Each value against the type of the same-named field of a sampler dataclass, so a wrong type is
+    named here rather than surfacing as a comparison error inside its checks (rollout is free-form)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        allowed = typing.get_args(hints[key]) or (hints[key],)  # float | None -> (float, NoneType)
+        ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+        if not ok or (isinstance(value, bool) and bool not in allowed):
+            _bad(f"{prefix}{key}", value, f"expected {' or '.join(t.__name__ for t in allowed)}")
+
+
+def _check_rollout(r: dict) -> None:
+    if r.get("sampler") in SAMPLERS:
+        _check_types("rollout.", SAMPLERS[r["sampler"]], r)
+    try:
+        sampler_config(r)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"rollout: {e}") from None
+    image = r.get("image") or {}
+    _check_types("rollout.image.", ImageSamplerConfig, image)
+    try:
+        ImageSamplerConfig(**image)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"rollout.image: {e}") from None
+    missing = sorted(WORKER_KEYS - {"image"} - set(r))
+    if missing:
+        raise ConfigError(f"rollout: missing key(s) {missing}")
+    _int("rollout.num_workers", r["num_workers"], 1)
+    _int("rollout.micro_batch", r["micro_batch"], 0, " (rows per sampler call; 0 = all at once)")
+    _int("rollout.val_n", r["val_n"], 1)
+    _num("rollout.val_temperature", r["val_temperature"], 0, strict=False, why=" (0 = greedy)")
+
+
+def _check_rewards(rw: RewardConfig) -> None:
+    if not rw.functions:
+        _bad("reward.functions", rw.functions, "expected a non-empty list of {name, weight}")
     keys = []
-    for i, f in enumerate(functions):
+    for i, f in enumerate(rw.functions):
         try:
-            spec = RewardSpec.parse(OmegaConf.to_container(f, resolve=True) if isinstance(f, DictConfig) else f)
+            spec = RewardSpec.parse(f)
         except ValueError as e:
-            raise ConfigError(f"config reward.functions[{i}]: {e}") from None
+            raise ConfigError(f"reward.functions[{i}]: {e}") from None
         if spec.name not in available_rewards() and ":" not in spec.name and "." not in spec.name:
-            bad(f"reward.functions[{i}].name", spec.name,
-                f"one of {available_rewards()} or a path 'module:function' / 'file.py:function'")
+            _bad(f"reward.functions[{i}].name", spec.name,
+                 f"expected one of {available_rewards()} or a path 'module:function' / 'file.py:function'")
         keys.append(spec.key or spec.name)
-    accuracy = [cfg.reward.accuracy] if isinstance(cfg.reward.accuracy, str) else list(cfg.reward.accuracy)
-    for k in accuracy:
+    for k in [rw.accuracy] if isinstance(rw.accuracy, str) else list(rw.accuracy):
         if k not in keys:
-            bad("reward.accuracy", k, f"one of the reward components {keys}")
-
-    if cfg.ray.address is not None and ":" not in str(cfg.ray.address):
-        bad("ray.address", cfg.ray.address, "HOST:PORT of a running Ray head (from `ray start --head`)")
-    if cfg.ray.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        bad("ray.placement_strategy", cfg.ray.placement_strategy, "PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
-    if cfg.ray.placement_timeout_s <= 0:
-        bad("ray.placement_timeout_s", cfg.ray.placement_timeout_s, "a timeout in seconds > 0")
+            _bad("reward.accuracy", k, f"expected one of the reward components {keys}")

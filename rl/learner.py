@@ -18,12 +18,12 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from rl.batch import RolloutBatch
+from rl.config import OptimConfig, build
+from rl.errors import fail
 from rl.estimators import build_estimator
 from rl.models import check_checkpoint_dir, load_model, load_tokenizer
 from rl.update import policy_update
 
-OPTIM_DEFAULTS = {"lr": 1e-6, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
-                  "max_grad_norm": 1.0, "warmup_steps": 0}
 # LLaDA's projections inside the blocks; a regex, because the bare name "ff_out" would also put an
 # adapter on the untied LM head (model.transformer.ff_out).
 LORA_TARGETS = r".*\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)"
@@ -33,96 +33,46 @@ METRICS = ("pg_loss", "pg_clipfrac", "ppo_kl", "kl_loss", "entropy", "grad_norm"
 CHECKPOINT_TAG = "learner"
 
 
-def _fail(key: str, expected: str, got) -> None:
-    raise ValueError(f"{key}: expected {expected}, got {got!r}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _check_algorithm(algorithm: dict) -> tuple[str, int, dict]:
-    if not isinstance(algorithm, dict) or "name" not in algorithm:
-        _fail("algorithm", "a dict with 'name' (and 'mu' plus estimator hyperparameters)", algorithm)
-    rest = dict(algorithm)
-    name, mu = rest.pop("name"), rest.pop("mu", 1)
-    if not _is_int(mu) or mu < 1:
-        _fail("algorithm.mu", "an integer >= 1", mu)
-    if "mask_id" in rest:
-        _fail("algorithm.mask_id", "not set (it is read from the model's config)", rest["mask_id"])
-    build_estimator(name, **rest)  # checks name and hyperparameters before anything heavy starts
-    return name, mu, rest
-
-
-def _check_optim(optim: dict) -> dict:
-    if not isinstance(optim, dict):
-        _fail("optim", f"a dict with keys from {sorted(OPTIM_DEFAULTS)}", optim)
-    unknown = sorted(set(optim) - set(OPTIM_DEFAULTS))
-    if unknown:
-        _fail("optim", f"keys from {sorted(OPTIM_DEFAULTS)}", unknown)
-    o = {**OPTIM_DEFAULTS, **optim}
-    if not _is_num(o["lr"]) or o["lr"] <= 0:
-        _fail("optim.lr", "a learning rate > 0", o["lr"])
-    if not _is_num(o["weight_decay"]) or o["weight_decay"] < 0:
-        _fail("optim.weight_decay", "a value >= 0", o["weight_decay"])
-    b = o["betas"]
-    if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(_is_num(x) and 0 <= x < 1 for x in b)):
-        _fail("optim.betas", "two numbers in [0, 1)", b)
-    if not _is_num(o["eps"]) or o["eps"] <= 0:
-        _fail("optim.eps", "a value > 0", o["eps"])
-    if not _is_num(o["max_grad_norm"]) or o["max_grad_norm"] <= 0:
-        _fail("optim.max_grad_norm", "a clipping norm > 0", o["max_grad_norm"])
-    if not _is_int(o["warmup_steps"]) or o["warmup_steps"] < 0:
-        _fail("optim.warmup_steps", "an integer >= 0", o["warmup_steps"])
-    o["betas"] = tuple(float(x) for x in b)
-    return o
-
-
 def _check_lora(lora: dict | None):
     if lora is None:
         return None
     from peft import LoraConfig
 
     if not isinstance(lora, dict):
-        _fail("lora", "None or a dict of peft LoraConfig fields (r, lora_alpha, target_modules, ...)", lora)
+        fail("model.lora", lora, "expected None or a dict of peft LoraConfig fields (r, lora_alpha, ...)")
     lora = dict(lora)
     for short, full in LORA_ALIASES.items():
         if short in lora:
             if full in lora:
-                _fail(f"lora.{short}", f"not given together with lora.{full} (the same setting)", lora[short])
+                fail(f"model.lora.{short}", lora[short], f"expected alone, not with lora.{full} (the same setting)")
             lora[full] = lora.pop(short)
     kw = {**LORA_DEFAULTS, **lora}
-    if not _is_int(kw["r"]) or kw["r"] < 1:
-        _fail("lora.r", "an integer >= 1", kw["r"])
+    if not isinstance(kw["r"], int) or isinstance(kw["r"], bool) or kw["r"] < 1:
+        fail("model.lora.r", kw["r"], "expected an integer >= 1")
     try:
         return LoraConfig(**kw)
     except TypeError as e:
-        raise ValueError(f"lora: expected peft LoraConfig fields ({e})") from None
+        raise ValueError(f"model.lora: expected peft LoraConfig fields ({e})") from None
 
 
-def _ds_config(zero_stage: int, optim: dict, cpu: bool, bf16: bool) -> dict:
-    lr = optim["lr"]
+def _ds_config(zero_stage: int, optim: OptimConfig, cpu: bool, bf16: bool) -> dict:
+    lr = optim.lr
     return {
         # Nominal sizes: DeepSpeed requires them, but batches are fed by update(), not its dataloader,
         # and each backward is its own step (no gradient accumulation across inner steps).
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": optim["max_grad_norm"],
+        "gradient_clipping": optim.max_grad_norm,
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": bf16},
         "optimizer": {"type": "AdamW", "params": {
-            "lr": lr, "betas": list(optim["betas"]), "eps": optim["eps"],
-            "weight_decay": optim["weight_decay"],
+            "lr": lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
             # DeepSpeed's fused Adam is a CUDA kernel; torch's AdamW runs anywhere.
             "torch_adam": cpu}},
         # Constant after a linear warmup; a scheduler always exists so checkpoints have one shape.
         "scheduler": {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0 if optim["warmup_steps"] else lr, "warmup_max_lr": lr,
-            "warmup_num_steps": max(optim["warmup_steps"], 1), "warmup_type": "linear"}},
+            "warmup_min_lr": 0.0 if optim.warmup_steps else lr, "warmup_max_lr": lr,
+            "warmup_num_steps": max(optim.warmup_steps, 1), "warmup_type": "linear"}},
         "steps_per_print": 2**31 - 1,
     }
 
@@ -145,9 +95,7 @@ class Learner:
     algorithm:  {"name": "unigrpo", "mu": 4, **estimator hyperparameters}; everything but name and mu
                 goes to rl.estimators.build_estimator (e.g. eps, beta, kl, aggregation, T). mu defaults
                 to 1. The reference model is loaded only when the estimator needs one (beta > 0).
-    optim:      {"lr": 1e-6, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
-                 "max_grad_norm": 1.0, "warmup_steps": 0}; omitted keys take these defaults.
-                AdamW with gradient clipping; lr rises linearly over warmup_steps, then stays.
+    optim:      rl.config.OptimConfig, or a dict of its fields (omitted ones take its defaults).
     zero_stage: DeepSpeed ZeRO stage 0..3.
     lora:       None, or peft LoraConfig fields ("alpha"/"dropout" accepted for lora_alpha/lora_dropout);
                 defaults {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
@@ -155,27 +103,28 @@ class Learner:
                 With LoRA the reference is the policy with its adapters disabled (no second copy).
     device:     "cpu" (gloo, fp32) or "cuda[:i]" (nccl); bf16=True trains in bf16 on CUDA.
     The process group is created on master_addr:master_port unless one already exists.
+
+    Settings arrive checked by rl.config.validate (the driver's path); what a direct caller could
+    still get wrong is checked here with the same code: optim through OptimConfig, the algorithm by
+    build_estimator, LoRA by peft. rank and world_size are checked too, because a wrong pair makes
+    init_process_group wait forever instead of failing.
     """
 
     def __init__(self, model_path: str, algorithm: dict, optim: dict, zero_stage: int, rank: int,
                  world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500,
                  lora: dict | None = None, seed: int = 0, device: str = "cpu", bf16: bool = False):
-        name, self.mu, est_kwargs = _check_algorithm(algorithm)
-        self.optim = _check_optim(optim)
+        est_kwargs = dict(algorithm)
+        name, self.mu = est_kwargs.pop("name"), est_kwargs.pop("mu", 1)
+        self.optim = build(OptimConfig, optim, "trainer.optim.")
         lora_config = _check_lora(lora)
-        if not _is_int(zero_stage) or zero_stage not in (0, 1, 2, 3):
-            _fail("zero_stage", "one of 0, 1, 2, 3", zero_stage)
-        if not _is_int(world_size) or world_size < 1:
-            _fail("world_size", "an integer >= 1", world_size)
-        if not _is_int(rank) or not 0 <= rank < world_size:
-            _fail("rank", f"an integer in [0, {world_size})", rank)
-        if not _is_int(master_port) or not 0 < master_port < 65536:
-            _fail("master_port", "a TCP port in 1..65535", master_port)
-        if not (isinstance(device, str) and device.split(":")[0] in ("cpu", "cuda")):
-            _fail("device", "'cpu' or 'cuda[:index]'", device)
+        if not isinstance(world_size, int) or world_size < 1:
+            fail("world_size", world_size, "expected an integer >= 1")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            fail("rank", rank, f"expected an integer in [0, {world_size})")
         self.device = torch.device(device)
         if bf16 and self.device.type != "cuda":
-            _fail("bf16", "False on the CPU (fp32 training)", bf16)
+            fail("bf16", bf16, "expected False on the CPU (fp32 training)")
+        build_estimator(name, **est_kwargs)  # before the model loads: a bad name or value costs nothing
         check_checkpoint_dir(model_path)
         self.mask_id = AutoConfig.from_pretrained(model_path).mask_token_id
         self.estimator = build_estimator(name, **est_kwargs, mask_id=self.mask_id)
@@ -242,9 +191,9 @@ class Learner:
         """This rank's rows: a contiguous run of whole groups."""
         B, G = len(batch), batch.group_size
         if B % G:
-            _fail("batch.group_size", f"a divisor of the batch size {B}", G)
+            fail("batch.group_size", G, f"expected a divisor of the batch size {B}")
         if (B // G) % self.world_size:
-            _fail("batch", f"a number of groups divisible by world_size={self.world_size}", f"{B // G} groups")
+            fail("batch.groups", B // G, f"expected a multiple of world_size={self.world_size} (whole groups per rank)")
         n = B // self.world_size
         rows = slice(self.rank * n, (self.rank + 1) * n)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import rl.checkpoint
-from rl.checkpoint import COMPLETE, RNG_FILE, STATE_FILE, TRACKER, CheckpointManager, resolve_resume
+from rl.checkpoint import COMPLETE, MANIFEST, RNG_FILE, STATE_FILE, TRACKER, CheckpointManager, resolve_resume
+from rl.errors import ConfigError
 
 
 def write_actor(path):
@@ -29,7 +30,8 @@ def test_layout_tracker_and_retention(tmp_path):
     assert (mgr.dir / TRACKER).read_text() == "30"
     assert mgr.latest() == mgr.step_dir(30)
     d = mgr.step_dir(30)
-    assert {p.name for p in d.iterdir()} == {"actor", STATE_FILE, RNG_FILE, COMPLETE}
+    assert {p.name for p in d.iterdir()} == {"actor", STATE_FILE, RNG_FILE, MANIFEST, COMPLETE}
+    assert set(json.loads((d / MANIFEST).read_text())["files"]) == {"actor/model.bin", STATE_FILE, RNG_FILE}
     assert (d / "actor" / "model.bin").read_bytes() == b"weights"
     state = json.loads((d / STATE_FILE).read_text())
     assert state["step"] == 30 and state["data_cursor"] == {"epoch": 0, "index": 240} and state["history"] == [30]
@@ -114,6 +116,67 @@ def test_dangling_tracker_falls_back_with_warning(tmp_path):
         assert mgr.latest() == mgr.step_dir(2)
 
 
+def write_big_actor(path):
+    # A model-states file large enough that one flipped byte sits deep inside it, next to a small one.
+    (path / "actor").mkdir()
+    (path / "actor" / "mp_rank_00_model_states.pt").write_bytes(os.urandom(1 << 20))
+    (path / "actor" / "latest").write_text("learner")
+
+
+def flip_middle_byte_of_largest(ckpt):
+    f = max((p for p in ckpt.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    return f
+
+
+def truncate_largest(ckpt):
+    f = max((p for p in ckpt.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    return f
+
+
+@pytest.mark.parametrize("spoil", [flip_middle_byte_of_largest, truncate_largest])
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, spoil):
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    for step in (1, 2, 3):
+        mgr.save(step, write_big_actor, {})
+    spoil(mgr.step_dir(2))
+    spoil(mgr.step_dir(3))
+    with pytest.warns(UserWarning, match=r"global_step_3 is damaged: actor/mp_rank_00_model_states\.pt .*"
+                                         r"global_step_2 is damaged.*resuming from .*global_step_1 instead"):
+        assert resolve_resume("auto", tmp_path) == mgr.step_dir(1)
+    # Named explicitly, a damaged checkpoint is an error, not a silent substitution.
+    with pytest.raises(ConfigError, match=r"trainer.resume=.*global_step_3.*damaged: actor/mp_rank_00_model_states"):
+        resolve_resume(str(mgr.step_dir(3)), tmp_path)
+
+
+def test_missing_file_and_no_intact_checkpoint(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    mgr.save(1, write_big_actor, {})
+    (mgr.step_dir(1) / "actor" / "latest").unlink()
+    with pytest.warns(UserWarning, match=r"actor/latest is missing.*no intact checkpoint"):
+        assert mgr.latest() is None
+
+
+def test_checkpoint_without_manifest_is_accepted_with_a_warning(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    old = mgr.save(1, write_actor, {})
+    (old / MANIFEST).unlink()  # as written before manifests existed
+    with pytest.warns(UserWarning, match=f"global_step_1: no {MANIFEST}"):
+        assert resolve_resume("auto", tmp_path) == old
+
+
+def test_retention_keeps_the_intact_checkpoint_it_just_wrote(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    mgr.save(1, write_big_actor, {})
+    flip_middle_byte_of_largest(mgr.step_dir(1))
+    mgr.save(2, write_big_actor, {})
+    assert names(mgr) == ["global_step_2", TRACKER] and mgr.latest() == mgr.step_dir(2)
+
+
 def test_empty_run_dir(tmp_path):
     assert CheckpointManager(tmp_path).latest() is None
     assert resolve_resume("auto", tmp_path) is None
@@ -148,10 +211,10 @@ def test_explicit_resume_path_errors_name_the_path(tmp_path):
     mgr = CheckpointManager(tmp_path)
     good = mgr.save(4, None, {})
     assert resolve_resume(str(good), tmp_path) == good
-    with pytest.raises(FileNotFoundError, match="global_step_99.*directory itself"):
+    with pytest.raises(ConfigError, match="trainer.resume=.*global_step_99.*directory itself"):
         resolve_resume(str(mgr.step_dir(99)), tmp_path)
     (good / RNG_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match=f"global_step_4.*{RNG_FILE}"):
+    with pytest.raises(ConfigError, match=f"global_step_4.*{RNG_FILE}"):
         resolve_resume(str(good), tmp_path)
     with pytest.raises(FileNotFoundError, match="global_step_4.*incomplete"):
         mgr.load(good)

@@ -42,7 +42,8 @@ def test_row_without_answer_is_named():
 
 def test_jsonl_loading_names_file_and_line(tmp_path):
     good = tmp_path / "gsm.jsonl"
-    good.write_text(json.dumps({"prompt": "1+1?", "answer": 2}) + "\n\n" + json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n")
+    rows = [json.dumps({"prompt": "1+1?", "answer": 2}), "", json.dumps({"prompt": "2+2?", "answer": "4"})]
+    good.write_text("\n".join(rows) + "\n")
     rows = load_jsonl(good)
     assert [r["answer"] for r in rows] == ["2", "4"] and rows[0]["task"] == "gsm"
     bad = tmp_path / "bad.jsonl"
@@ -51,3 +52,21 @@ def test_jsonl_loading_names_file_and_line(tmp_path):
         load_jsonl(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_jsonl_row_errors_name_the_line(tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "answer": 1}) + "\n\n" + json.dumps({"question": "b", "answer": 2}) + "\n")
+    with pytest.raises(ValueError, match=r"data\.jsonl:3: row 1 has no 'prompt' \(expected a non-empty string or"):
+        load_jsonl(f)
+
+
+def test_message_list_prompts_are_checked():
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}]
+    assert validate_rows([{"prompt": chat, "answer": "2"}], "x")[0]["prompt"] == chat
+    with pytest.raises(ValueError, match=r"x: row 0 'prompt' message 1 is \{'role': 'robot'"):
+        validate_rows([{"prompt": [chat[0], {"role": "robot", "content": "?"}], "answer": "2"}], "x")
+    with pytest.raises(ValueError, match="does not end with a 'user' message"):
+        validate_rows([{"prompt": [*chat, {"role": "assistant", "content": "2"}], "answer": "2"}], "x")
+    with pytest.raises(ValueError, match="image rows take a string"):
+        validate_rows([{"prompt": chat, "answer": "2", "mode": "t2i", "scene": []}], "x")

@@ -7,9 +7,11 @@ from rl.batch import RolloutBatch
 from rl.models.tokenizer import EOI, EOT, MMU, SOI, T2I, multimodal_ids
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat-formatted, left-padded prompt ids and attention mask."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+def encode_prompts(tokenizer, prompts: list[str | list[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-formatted, left-padded prompt ids and attention mask. A prompt is the user's message, or
+    a whole chat message list (verl/TRL datasets: [{"role": ..., "content": ...}, ...]) as it stands."""
+    texts = [tokenizer.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}],
+                                           add_generation_prompt=True, tokenize=False)
              for p in prompts]
     enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]

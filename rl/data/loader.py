@@ -10,10 +10,12 @@ from rl.data.tasks import IMAGE_MODES, load_jsonl, make_mixture, validate_rows
 
 
 def load_split(task_cfg, split: str, seed: int) -> list[dict]:
-    file = task_cfg[f"{split}_file"]
+    """The rows of task.train or task.val (a DictConfig or rl.config.TaskConfig): a JSONL file's rows, or
+    synthetic rows generated in code."""
+    file = getattr(task_cfg, f"{split}_file")
     if file is not None:
         return load_jsonl(file)
-    rows = make_mixture(dict(task_cfg[split]), seed=seed, split="train" if split == "train" else "val")
+    rows = make_mixture(dict(getattr(task_cfg, split)), seed=seed, split="train" if split == "train" else "val")
     return validate_rows(rows, f"task.{split}")
 
 
@@ -39,7 +41,8 @@ def attach_image_codes(rows: list[dict], image_tokenizer, source: str, batch: in
     for i, r in enumerate(rows):
         codes = r.get("image_codes")
         if codes is not None and (not isinstance(codes, list) or len(codes) != image_tokenizer.tokens_per_image
-                                  or not all(isinstance(c, int) and 0 <= c < image_tokenizer.codebook_size for c in codes)):
+                                  or not all(isinstance(c, int) and 0 <= c < image_tokenizer.codebook_size
+                                             for c in codes)):
             raise ValueError(f"{source}: row {i} image_codes must be {image_tokenizer.tokens_per_image} integers in "
                              f"[0, {image_tokenizer.codebook_size})")
     return rows

@@ -112,24 +112,46 @@ IMAGE_MODES = ("t2i", "mmu")  # rows that carry an image: the answer (t2i) or in
 MODES = ("text", *IMAGE_MODES)
 
 
-def validate_rows(rows: list[dict], source: str) -> list[dict]:
-    """One clear error naming the source, the row and the key, before anything trains on it."""
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(messages: list, where: str) -> None:
+    # A chat prompt as verl/TRL datasets store it: [{"role": ..., "content": ...}, ...], ending with the
+    # user's turn, since the answer is generated as the assistant's next turn (rl/data/encode.py).
+    for j, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where} 'prompt' message {j} is {m!r}, expected {{'role': one of {list(ROLES)}, "
+                             f"'content': a string}}")
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError(f"{where} 'prompt' is a message list that does not end with a 'user' message")
+
+
+def validate_rows(rows: list[dict], source: str, lines: list[int] | None = None) -> list[dict]:
+    """One clear error naming the source, the row (and its line in a file) and the key, before
+    anything trains on it. `prompt` is a string, or a chat message list for a text row."""
     if not rows:
         raise ValueError(f"{source}: no rows")
     for i, row in enumerate(rows):
+        where = f"{source}:{lines[i]}: row {i}" if lines else f"{source}: row {i}"
         if not isinstance(row, dict):
-            raise ValueError(f"{source}: row {i} is {type(row).__name__}, expected an object with keys {REQUIRED}")
-        for key in REQUIRED:
-            value = row.get(key)
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise ValueError(f"{source}: row {i} has no {key!r} (expected a non-empty string)")
-            if not isinstance(value, (str, int, float)):
-                raise ValueError(f"{source}: row {i} key {key!r} is {type(value).__name__}, expected a string")
+            raise ValueError(f"{where} is {type(row).__name__}, expected an object with keys {REQUIRED}")
         mode = row.get("mode")
         if mode is not None and mode not in MODES:
-            raise ValueError(f"{source}: row {i} has mode {mode!r}, expected one of {list(MODES)}")
+            raise ValueError(f"{where} has mode {mode!r}, expected one of {list(MODES)}")
+        for key in REQUIRED:
+            value = row.get(key)
+            if key == "prompt" and isinstance(value, list):
+                if mode in IMAGE_MODES:
+                    raise ValueError(f"{where} (mode {mode!r}) has a message-list 'prompt'; image rows take a string")
+                _check_messages(value, where)
+                continue
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise ValueError(f"{where} has no {key!r} (expected a non-empty string"
+                                 f"{' or a chat message list' if key == 'prompt' else ''})")
+            if not isinstance(value, (str, int, float)):
+                raise ValueError(f"{where} key {key!r} is {type(value).__name__}, expected a string")
         if mode in IMAGE_MODES and not any(k in row for k in ("scene", "image", "image_codes")):
-            raise ValueError(f"{source}: row {i} (mode {mode!r}) needs an image: key 'image' (a file path), "
+            raise ValueError(f"{where} (mode {mode!r}) needs an image: key 'image' (a file path), "
                              f"'image_codes' or 'scene'")
     return rows
 
@@ -138,7 +160,7 @@ def load_jsonl(path: str | Path, default_task: str | None = None) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file {str(path)!r} does not exist")
-    rows = []
+    rows, lines = [], []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -151,4 +173,5 @@ def load_jsonl(path: str | Path, default_task: str | None = None) -> list[dict]:
                 row.setdefault("task", default_task or path.stem)
                 row["answer"] = str(row["answer"]) if isinstance(row.get("answer"), (int, float)) else row.get("answer")
             rows.append(row)
-    return validate_rows(rows, str(path))
+            lines.append(lineno)
+    return validate_rows(rows, str(path), lines)

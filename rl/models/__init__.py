@@ -1,6 +1,8 @@
 """Models: the LLaDA-architecture diffusion LM, its tokenizer, and checkpoint loading."""
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -28,6 +30,48 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     if missing:
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} is missing: {', '.join(missing)}")
     return path
+
+
+def check_model_files(path: str | Path) -> Path:
+    """check_checkpoint_dir, plus what would otherwise fail deep inside an actor: config.json must
+    parse and describe a valid LLaDAConfig (positive sizes, heads dividing d_model, ...), and every
+    *.safetensors file's header must parse with each tensor's bytes inside the file. Reads only
+    config.json and the headers (kilobytes, even for an 8B checkpoint), never a tensor."""
+    path = check_checkpoint_dir(path)
+    config = path / "config.json"
+    try:
+        LLaDAConfig(**json.loads(config.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config}: not valid JSON ({e})") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config}: {e}") from None
+    for file in sorted(path.glob("*.safetensors")):
+        check_safetensors_header(file)
+    return path
+
+
+def check_safetensors_header(file: Path) -> None:
+    """The safetensors layout: an 8-byte little-endian header length N, N bytes of JSON mapping each
+    tensor to its data_offsets [begin, end) within the data that follows; a truncated file cuts them."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or 8 + n > size:
+            raise ValueError(f"{file}: truncated or not a safetensors file ({size} bytes, header claims "
+                             f"{'?' if n is None else 8 + n})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: unreadable safetensors header ({e})") from None
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info.get("data_offsets", (0, -1)) if isinstance(info, dict) else (0, -1)
+        if not 0 <= begin <= end <= data:
+            raise ValueError(f"{file}: tensor {name!r} lies at bytes {begin}..{end} of the data, but the file "
+                             f"holds {data} (truncated?)")
 
 
 def load_model(path: str | Path, dtype=None) -> LLaDAModelLM:
