@@ -25,8 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
-from rewards.combine import RewardSpec
-from rewards.registry import available_rewards
+from rewards.combine import check_reward_config
 from rl.errors import ConfigError, fail
 from rl.estimators import build_estimator
 from rl.models import TINY_CHECKPOINT, check_model_files
@@ -375,18 +374,8 @@ def _check_rollout(r: dict) -> None:
 
 
 def _check_rewards(rw: RewardConfig) -> None:
-    if not rw.functions:
-        _bad("reward.functions", rw.functions, "expected a non-empty list of {name, weight}")
-    keys = []
-    for i, f in enumerate(rw.functions):
-        try:
-            spec = RewardSpec.parse(f)
-        except ValueError as e:
-            raise ConfigError(f"reward.functions[{i}]: {e}") from None
-        if spec.name not in available_rewards() and ":" not in spec.name and "." not in spec.name:
-            _bad(f"reward.functions[{i}].name", spec.name,
-                 f"expected one of {available_rewards()} or a path 'module:function' / 'file.py:function'")
-        keys.append(spec.key or spec.name)
-    for k in [rw.accuracy] if isinstance(rw.accuracy, str) else list(rw.accuracy):
-        if k not in keys:
-            _bad("reward.accuracy", k, f"expected one of the reward components {keys}")
+    # Plugins are imported here, in the driver, so a missing file or function is one message before Ray starts.
+    try:
+        check_reward_config(rw.functions, rw.accuracy)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -186,3 +186,15 @@ def test_load_split_from_jsonl(tmp_path):
     c = cfg(f"task.val_file={f}")
     assert load_split(c.task, "val", 0) == [{"prompt": "1+1?", "answer": "2", "task": "val"}]
     assert {r["task"] for r in load_split(c.task, "train", 0)} == {"arithmetic"}
+
+
+def test_a_plugin_file_is_checked_before_ray_and_can_be_the_accuracy_reward(tmp_path):
+    plugin = tmp_path / "my_reward.py"
+    plugin.write_text("def exact(prompts, completions, answer, **kw):\n"
+                      "    return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]\n")
+    functions = f"reward.functions=[{{name: '{plugin}:exact', weight: 1.0}}]"
+    validate(cfg(functions, "reward.accuracy=exact"))  # the function's name is the component key
+    with pytest.raises(ConfigError, match=r"reward.functions\[0\].*no attribute 'exakt'"):
+        validate(cfg(f"reward.functions=[{{name: '{plugin}:exakt'}}]", "reward.accuracy=exakt"))
+    with pytest.raises(ConfigError, match=r"reward.functions\[0\].*does not exist"):
+        validate(cfg(f"reward.functions=[{{name: '{tmp_path}/nope.py:exact'}}]", "reward.accuracy=exact"))
