@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from rl.batch import RolloutBatch
+from rl.errors import fail
 from rollout.sampler import uniform
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
@@ -39,7 +40,7 @@ _MAX_LOG_RATIO = 20.0
 
 def _require(ok: bool, key: str, expected: str, got) -> None:
     if not ok:
-        raise ValueError(f"{key}: expected {expected}, got {got!r}")
+        fail(key, got, f"expected {expected}")
 
 
 def _check_mu(mu) -> int:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rl.errors import fail
 from rollout.sampler import (SampleOutput, SamplerConfig, commit_top_k, exclude_non_text, guided, sample_tokens,
                              score_tokens, transfer_schedule)
 
@@ -42,7 +43,7 @@ class FastSamplerConfig(SamplerConfig):
         super().__post_init__()
 
         def bad(key, why):
-            raise ValueError(f"sampler.{key}={getattr(self, key)!r}: {why}")
+            fail(f"sampler.{key}", getattr(self, key), why)
 
         if self.cache not in CACHES:
             bad("cache", f"expected one of {CACHES}")

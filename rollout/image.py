@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rl.errors import fail
 from rollout.sampler import SampleOutput, commit_top_k, guided, gumbel, sample_tokens
 
 
@@ -27,7 +28,7 @@ class ImageSamplerConfig:
 
     def __post_init__(self):
         def bad(key, why):
-            raise ValueError(f"rollout.image.{key}={getattr(self, key)!r}: {why}")
+            fail(f"rollout.image.{key}", getattr(self, key), why)
 
         if not isinstance(self.steps, int) or self.steps < 1:
             bad("steps", "expected a positive integer")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rl.errors import fail
+
 REMASKING = ("low_confidence", "random")
 
 
@@ -26,7 +28,7 @@ class SamplerConfig:
 
     def __post_init__(self):
         def bad(key, why):
-            raise ValueError(f"sampler.{key}={getattr(self, key)!r}: {why}")
+            fail(f"sampler.{key}", getattr(self, key), why)
 
         for key in ("gen_length", "block_length", "steps"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:

@@ -31,7 +31,7 @@ def test_default_config_is_valid_and_uses_the_tiny_recipe():
     ("rollout.block_length=5", "sampler.block_length=5"),
     ("trainer.zero_stage=4", "trainer.zero_stage=4"),
     ("trainer.logger=[console,tensorboard]", "trainer.logger"),
-    ("algorithm.hyper.kl=k9", "kl: expected one of"),
+    ("algorithm.hyper.kl=k9", "kl=.k9.: expected one of"),
     ("reward.accuracy=nope", "reward.accuracy='nope'"),
     ("task.train_file=/no/such.jsonl", "task.train_file='/no/such.jsonl'"),
     ("rollout.threshold=1.5", "sampler.threshold=1.5"),

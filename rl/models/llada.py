@@ -24,6 +24,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from rl.errors import fail
+
 # Per layer (keys, values), each [B, n_kv_heads, T, head_dim], keys after RoPE.
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -82,7 +84,7 @@ class LLaDAConfig(PretrainedConfig):
 
     def validate_shape(self) -> None:
         def bad(key, why):
-            raise ValueError(f"LLaDAConfig.{key}={getattr(self, key)!r}: {why}")
+            fail(f"LLaDAConfig.{key}", getattr(self, key), why)
 
         for key in ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
