@@ -2,27 +2,24 @@
 name the actor that died, restarts and shutdown. The loop that uses them is rl/driver.py."""
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
 import time
+from collections.abc import Callable
+from functools import partial
 
 import ray
 from omegaconf import DictConfig, OmegaConf
+from ray.experimental import internal_kv
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rewards.worker import RewardWorker
 from rl.config import image_tokenizer_path
-from rl.learner import Learner
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger("dllm_rl")
-
-ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError)
-
-
-class ActorFailure(RuntimeError):
-    """An actor died; str() is its name (rollout-0, reward-1, ...)."""
 
 
 def _free_port() -> int:
@@ -35,6 +32,19 @@ def _free_port() -> int:
 def _node_address() -> tuple[str, int]:
     """Where learner rank 0 will listen: its node's address and a free port there."""
     return ray.util.get_node_ip_address(), _free_port()
+
+
+def _running_key(actor: str) -> str:
+    return f"dllm_rl/{actor}/current"
+
+
+def _report_running(actor: str, key: str | None) -> None:
+    """RewardWorker's on_call: the reward function running now, kept outside the actor (in Ray's
+    key-value store, reachable from any node) so the driver can name it after a hang or a crash."""
+    if key is None:
+        internal_kv._internal_kv_del(_running_key(actor))
+    else:
+        internal_kv._internal_kv_put(_running_key(actor), key, overwrite=True)
 
 
 def start_ray(rc: DictConfig) -> None:
@@ -76,6 +86,8 @@ class Actors:
         log.info("placement: %s", ", ".join(f"{name}@{nodes[i][:8]}" for i, name in enumerate(names)))
         self.rollout = [self._make_rollout(i) for i in range(n)]
         self.reward = [self._make_reward(i) for i in range(m)]
+        from rl.learner import Learner  # deepspeed: not in the reward workers, which load this module for on_call
+
         addr, port = ray.get(_node_address.options(scheduling_strategy=self._bundle(n + m)).remote())
         algo = OmegaConf.to_container(cfg.algorithm)
         algorithm = {"name": algo["name"], "mu": algo["mu"], **algo["hyper"]}
@@ -111,45 +123,70 @@ class Actors:
 
     def _make_reward(self, i: int):
         functions = OmegaConf.to_container(self.cfg.reward.functions, resolve=True)
+        name = f"reward-{i}"
+        # RewardWorker reports the function it runs through on_call (rewards/worker.py), where it takes one.
+        report = {"on_call": partial(_report_running, name)} if "on_call" in _REWARD_ARGS else {}
         return ray.remote(RewardWorker).options(
-            name=f"reward-{i}", num_cpus=1, scheduling_strategy=self._bundle(self.cfg.rollout.num_workers + i),
-            runtime_env=self._env()).remote(functions, self.accuracy_keys, image_tokenizer_path(self.cfg))
+            name=name, num_cpus=1, scheduling_strategy=self._bundle(self.cfg.rollout.num_workers + i),
+            runtime_env=self._env()).remote(functions, self.accuracy_keys, image_tokenizer_path(self.cfg), **report)
 
     # ---- calls and faults --------------------------------------------------------------------
-    def get(self, futures, names):
-        """ray.get that names the actor that died (ActorFailure carries its name)."""
-        try:
-            return ray.get(futures)
-        except ACTOR_ERRORS as e:
-            for i, f in enumerate(futures):
-                try:
-                    ray.get(f, timeout=0)
-                except ACTOR_ERRORS:
-                    raise ActorFailure(names[i]) from e
-                except Exception:
-                    pass
-            raise ActorFailure(names[0]) from e
-
-    def with_retries(self, fn, step: int):
-        tr = self.cfg.trainer
-        for attempt in range(tr.max_retries + 1):
+    def call(self, kind: str, submit: Callable, timeout: float | None = None, on_timeout: str = "fail") -> dict:
+        """{i: result} of `submit(i, worker)` (an ObjectRef, or None for no call) over the pool `kind`
+        (rollout or reward). A worker that dies is restarted and only its call resubmitted, at most
+        trainer.max_retries times per call: every such call (generate with its seed, score,
+        load_weights) gives the same answer twice. A call still running after `timeout` seconds kills
+        and restarts its worker, then fails (on_timeout=fail) or gives None (zero)."""
+        tr, pool = self.cfg.trainer, getattr(self, kind)
+        futures = {i: (f, _deadline(timeout)) for i, w in enumerate(pool) if (f := submit(i, w)) is not None}
+        results, deaths = {}, 0
+        while futures:
+            i, (future, deadline) = next(iter(futures.items()))
+            name = f"{kind}-{i}"
             try:
-                return fn()
-            except ActorFailure as e:
-                name = str(e)
-                log.error("step %d: actor %s died (%s)", step, name, e.__cause__)
-                if tr.on_actor_failure == "fail" or attempt == tr.max_retries:
-                    raise RuntimeError(f"step {step}: actor {name} died; stopping "
-                                       f"(trainer.on_actor_failure={tr.on_actor_failure})") from e
+                results[i] = ray.get(future, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                running = self._running(name)
                 self.restart(name)
-                log.warning("step %d: restarted %s, retrying the step (attempt %d)", step, name, attempt + 2)
-        raise AssertionError("unreachable")
+                msg = f"{name} gave no answer within reward.timeout_s={timeout}{running}; restarted it"
+                if on_timeout == "fail":
+                    raise RuntimeError(f"{msg}; stopping (reward.on_timeout=fail)") from None
+                log.error("%s; its samples score 0 (reward.on_timeout=%s)", msg, on_timeout)
+                results[i] = None
+            except ray.exceptions.RayActorError as e:
+                running = self._running(name)
+                deaths += 1
+                log.error("actor %s died%s (%s)", name, running, e)
+                if tr.on_actor_failure == "fail" or deaths > tr.max_retries:
+                    raise RuntimeError(f"actor {name} died{running}; stopping (trainer.on_actor_failure="
+                                       f"{tr.on_actor_failure}, trainer.max_retries={tr.max_retries})") from e
+                self.restart(name)
+                futures[i] = (submit(i, pool[i]), _deadline(timeout))
+                log.warning("restarted %s, retrying its call (attempt %d)", name, deaths + 1)
+                continue
+            del futures[i]
+        return results
+
+    def on_learners(self, refs: list) -> list:
+        """ray.get of one call per learner rank. A rank that dies ends the run: its optimizer state is
+        gone, and an update that may have been applied must never be applied again."""
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError("a learner rank died; its optimizer state is lost, so the run stops here "
+                               "(resume from the newest checkpoint: trainer.resume=auto)") from e
+
+    def _running(self, name: str) -> str:
+        key = internal_kv._internal_kv_get(_running_key(name))
+        return f" while running reward {key.decode()!r}" if key else ""
 
     def restart(self, name: str) -> None:
         kind, idx = name.rsplit("-", 1)
         idx = int(idx)
         pool = {"rollout": self.rollout, "reward": self.reward}[kind]
         ray.kill(pool[idx], no_restart=True)
+        if kind == "reward":
+            internal_kv._internal_kv_del(_running_key(name))
         pool[idx] = self._make_rollout(idx) if kind == "rollout" else self._make_reward(idx)
 
     def close(self) -> None:
@@ -164,6 +201,13 @@ class Actors:
             names = [n for n in names if _actor_alive(n)]
             if names:
                 time.sleep(0.1)
+
+
+_REWARD_ARGS = inspect.signature(RewardWorker.__init__).parameters
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
 
 
 def _actor_alive(name: str) -> bool:

@@ -3,10 +3,15 @@
 One step: prompts -> G answers per prompt over the rollout workers -> rewards over the reward
 workers -> group advantages -> mu inner updates on the learner ranks -> new weights to every rollout
 worker. `Driver.train_step` is that sentence in code.
+
+Faults are handled per phase, in rl/actors.py: a rollout or reward worker that dies is restarted and
+only its own call is sent again (generate, score and load_weights give the same answer twice); a reward
+call past reward.timeout_s is killed; the learner update is never sent twice.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -45,6 +50,7 @@ class Driver:
         self.cursor = PromptCursor(train_rows, cfg.seed)
         self._reference: dict | None = None  # scores of the ground-truth images of the held-out t2i rows
         self.step = 0
+        self._skip_streak = 0  # training steps in a row whose optimizer steps were all skipped
         self.actors = Actors(cfg, self.model_path, self.accuracy_keys)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.trainer.keep_last)
         resume_from = resolve_resume(cfg.trainer.resume, self.run_dir)
@@ -60,13 +66,12 @@ class Driver:
     def fit(self) -> None:
         tr = self.cfg.trainer
         if self.step == 0 and tr.val_before_train:
-            self.tracker.log(0, self.actors.with_retries(self.evaluate, self.step))
+            self.tracker.log(0, self.evaluate())
         while self.step < tr.total_steps:
             self.step += 1
-            rows = self.cursor.next(tr.prompts_per_step)  # outside the retry: a retried step keeps its prompts
-            metrics = self.actors.with_retries(lambda: self.train_step(rows), self.step)
+            metrics = self.train_step(self.cursor.next(tr.prompts_per_step))
             if tr.val_every and (self.step % tr.val_every == 0 or self.step == tr.total_steps):
-                metrics.update(self.actors.with_retries(self.evaluate, self.step))
+                metrics.update(self.evaluate())
             self.tracker.log(self.step, metrics)
             if tr.save_every and (self.step % tr.save_every == 0 or self.step == tr.total_steps):
                 self.save()
@@ -77,7 +82,7 @@ class Driver:
         with timer(timing, "gen"):
             batch = self.generate(rows, self.G, seed=self._seed("rollout"))
         with timer(timing, "reward"):
-            scores = self.score(batch)
+            scores, timeouts = self.score(batch)
         with timer(timing, "adv"):
             batch.rewards = torch.tensor(scores.total, dtype=torch.float32)
             batch.advantages = group_advantages(batch.rewards, self.G, self.cfg.algorithm.scale_adv_by_std)
@@ -86,9 +91,24 @@ class Driver:
         with timer(timing, "update_weights"):
             self.sync_weights()
         timing["step"] = time.perf_counter() - t0
-        return {**{f"timing_s/{k}": v for k, v in timing.items()},
-                **batch_metrics(batch, scores, self.cfg.rollout.gen_length, timing["step"]),
-                **{f"actor/{k}": v for k, v in actor.items()}}
+        metrics = {**{f"timing_s/{k}": v for k, v in timing.items()},
+                   **batch_metrics(batch, scores, self.cfg.rollout.gen_length, timing["step"]),
+                   "reward/timeouts": timeouts, **{f"actor/{k}": v for k, v in actor.items()}}
+        self._warn_no_learning(metrics)
+        return metrics
+
+    def _warn_no_learning(self, metrics: dict) -> None:
+        """Say so when a step could not change the policy: silent non-learning looks like a finished run."""
+        if metrics["reward/frac_zero_std"] == 1.0:
+            log.warning("step %d: every group's rewards are equal, so every advantage is 0 and this step has no "
+                        "gradient (too easy or too hard prompts, or a reward that does not vary)", self.step)
+        skipped_all = metrics["actor/skipped_steps"] >= self.cfg.algorithm.mu
+        self._skip_streak = self._skip_streak + 1 if skipped_all else 0
+        n = self.cfg.trainer.get("skip_warn_steps", 3)
+        if self._skip_streak == n:  # once per streak
+            log.warning("steps %d-%d: %d training steps in a row skipped every optimizer step (non-finite gradient "
+                        "norm), so the policy is not training; check the reward scale (reward/mean, reward/std) "
+                        "and trainer.optim.lr", self.step - n + 1, self.step, n)
 
     def evaluate(self) -> dict:
         """Held-out metrics: accuracy overall and per task (where a correctness reward applies) and, per
@@ -97,14 +117,14 @@ class Driver:
         rows, n = self.val_rows, self.cfg.rollout.val_n
         # n answers per prompt: at a sampling temperature one answer each leaves a few points of noise.
         batch = self.generate(rows, n, seed=self.cfg.seed, temperature=self.cfg.rollout.val_temperature)
-        scores = self.score(batch)
-        out = {"val/reward/mean": float(sum(scores.total) / len(scores.total)),
+        scores, timeouts = self.score(batch)
+        out = {"val/reward/mean": float(sum(scores.total) / len(scores.total)), "val/reward/timeouts": timeouts,
                **accuracies(batch.rows, scores.accuracy, "val")}
         images = batch.images
         has_images = any(x is not None for x in images)
         if has_images and self._reference is None:
             truth = [r.get("image_codes") if x is not None else None for r, x in zip(batch.rows, images)]
-            self._reference = self.score(batch, truth).components
+            self._reference = self.score(batch, truth)[0].components
         for task in sorted({r["task"] for r in rows}):
             idx = [i for i, r in enumerate(batch.rows) if r["task"] == task]
             if any(images[i] is not None for i in idx):
@@ -132,31 +152,46 @@ class Driver:
 
     # ---- one phase each ------------------------------------------------------------------------
     def generate(self, rows, group_size, seed, temperature=None) -> RolloutBatch:
-        pool = self.actors.rollout
-        chunks = [rows[i::len(pool)] for i in range(len(pool))]  # strided, so every worker gets a share of small sets
-        futures = [w.generate.remote(c, group_size, seed + i, temperature) for i, (w, c) in enumerate(zip(pool, chunks)) if c]
-        return RolloutBatch.concat(self.actors.get(futures, [f"rollout-{i}" for i in range(len(pool))]), self.actors.pad_id)
+        n = len(self.actors.rollout)
+        chunks = [rows[i::n] for i in range(n)]  # strided, so every worker gets a share of small sets
+        parts = self.actors.call("rollout", lambda i, w: w.generate.remote(chunks[i], group_size, seed + i, temperature)
+                                 if chunks[i] else None)
+        return RolloutBatch.concat([parts[i] for i in sorted(parts)], self.actors.pad_id)
 
-    def score(self, batch: RolloutBatch, images: list | None = None) -> Scores:
-        """Rewards of the batch's answers (`images`: other image codes to score in place of the batch's)."""
+    def score(self, batch: RolloutBatch, images: list | None = None) -> tuple[Scores, int]:
+        """Rewards of the batch's answers (`images`: other image codes to score in place of the batch's),
+        and how many samples scored 0 because their reward call ran out of time (reward.on_timeout=zero)."""
         rows, completions = batch.rows, batch.completions
         images = batch.images if images is None else images
         m = len(self.actors.reward)
         bounds = [len(rows) * i // m for i in range(m + 1)]
-        futures = [w.score.remote([r["prompt"] for r in rows[lo:hi]], completions[lo:hi], rows[lo:hi], images[lo:hi])
-                   for w, lo, hi in zip(self.actors.reward, bounds, bounds[1:]) if hi > lo]
-        return Scores.concat(self.actors.get(futures, [f"reward-{i}" for i in range(m)]))
+
+        def submit(i, worker):
+            lo, hi = bounds[i], bounds[i + 1]
+            return worker.score.remote([r["prompt"] for r in rows[lo:hi]], completions[lo:hi], rows[lo:hi],
+                                       images[lo:hi]) if hi > lo else None
+
+        rc = self.cfg.reward
+        parts = self.actors.call("reward", submit, timeout=rc.get("timeout_s", 300), on_timeout=rc.get("on_timeout", "fail"))
+        keys = sorted({k for p in parts.values() if p is not None for k in p.components})
+        timeouts = 0
+        for i in [i for i, p in parts.items() if p is None]:
+            n = bounds[i + 1] - bounds[i]
+            parts[i] = Scores([0.0] * n, [0.0] * n, {k: [math.nan] * n for k in keys})
+            timeouts += n
+        return Scores.concat([parts[i] for i in sorted(parts)]), timeouts
 
     def update(self, batch: RolloutBatch) -> dict:
-        futures = [l.update.remote(batch, self._seed("learner")) for l in self.actors.learners]
-        return ray.get(futures)[0]  # already averaged across ranks
+        """mu inner updates on every learner rank. Never retried: an update that ran must not run twice."""
+        seed = self._seed("learner")
+        return self.actors.on_learners([l.update.remote(batch, seed) for l in self.actors.learners])[0]  # averaged
 
     def sync_weights(self) -> None:
         refs = [l.state_dict_for_rollout.remote() for l in self.actors.learners]  # every ZeRO-3 rank must gather
+        self.actors.on_learners(refs)
+        # Final only now: a rollout worker (re)started from here on must load these, not older ones.
         self.actors.weights = refs[0]
-        ray.get(refs)
-        pool = self.actors.rollout
-        self.actors.get([w.load_weights.remote(refs[0]) for w in pool], [f"rollout-{i}" for i in range(len(pool))])
+        self.actors.call("rollout", lambda i, w: w.load_weights.remote(refs[0]))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> None:

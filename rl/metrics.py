@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 
 import torch
@@ -45,7 +46,27 @@ def batch_metrics(batch: RolloutBatch, scores: Scores, gen_length: int, step_sec
         vals = [v for v in values if not math.isnan(v)]  # NaN = not applicable to that row
         if vals:
             out[f"reward/{key}/mean"] = sum(vals) / len(vals)
+    out.update(extras_metrics(scores.extras))
+    out["reward/frac_zero_std"] = frac_zero_std(batch.rewards, batch.group_size)
     return out
+
+
+def extras_metrics(extras: dict[str, list]) -> dict:
+    """reward/<component>/<key>: the mean of the numeric values of each extra key of verl-style reward
+    results (verl logs them as reward_extra_info); keys with no numeric value are left out."""
+    out = {}
+    for key, values in extras.items():
+        vals = [float(v) for v in values if isinstance(v, numbers.Real) and math.isfinite(v)]
+        if vals:
+            out[f"reward/{key}"] = sum(vals) / len(vals)
+    return out
+
+
+def frac_zero_std(rewards: torch.Tensor, group_size: int) -> float:
+    """TRL's frac_reward_zero_std: the fraction of groups whose rewards are all equal. Their advantages
+    are all 0, so they give no gradient."""
+    groups = rewards.view(-1, group_size)
+    return float((groups.max(1).values == groups.min(1).values).float().mean())
 
 
 class timer:

@@ -33,7 +33,8 @@ def test_two_steps_write_metrics_checkpoints_and_curve(local_ray, tmp_path):
     for key in ("timing_s/gen", "timing_s/reward", "timing_s/update_actor", "timing_s/update_weights", "timing_s/step",
                 "perf/throughput", "response_length/mean", "reward/mean", "reward/math/mean", "reward/format/mean",
                 "actor/pg_loss", "actor/pg_clipfrac", "actor/kl_loss", "actor/grad_norm",
-                "val/accuracy", "val/arithmetic/accuracy", "rollout/tokens_per_step"):
+                "val/accuracy", "val/arithmetic/accuracy", "rollout/tokens_per_step", "reward/frac_zero_std",
+                "reward/timeouts", "val/reward/timeouts"):
         assert key in step, key
     assert step["rollout/tokens_per_step"] > 1  # the default fast sampler commits several tokens per step
     assert "val/accuracy" in metrics[0]
@@ -108,3 +109,43 @@ def test_cli_writes_metrics_to_hydra_run_dir(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "rl.train", f"hydra.run.dir={tmp_path / 'bad'}",
                           "algorithm.group_size=1"], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "algorithm.group_size=1: expected an integer >= 2" in bad.stderr + bad.stdout
+
+
+def test_reward_metrics_log_verl_extras_and_the_groups_without_spread():
+    from rewards.worker import Scores
+    from rl.batch import RolloutBatch
+    from rl.metrics import batch_metrics
+
+    B = 6  # three groups of two: spread, none (both 1), none (both 0)
+    batch = RolloutBatch(torch.ones(B, 2, dtype=torch.long), torch.ones(B, 2, dtype=torch.long),
+                         torch.zeros(B, 4, dtype=torch.long), torch.ones(B, 4), group_size=2,
+                         rewards=torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0]), images=[None] * B,
+                         tokens_per_step=torch.ones(B), rows=[{}] * B, seconds=1.0)
+    scores = Scores([0.0] * B, [float("nan")] * B, {"exact": [0.0] * B},
+                    extras={"exact/len": [3, 5, None, 1, 1, 2], "exact/source": ["d"] * B, "exact/hit": [True] * B})
+    m = batch_metrics(batch, scores, 4, 1.0)
+    assert m["reward/exact/len"] == 2.4 and m["reward/exact/hit"] == 1.0 and "reward/exact/source" not in m
+    assert m["reward/frac_zero_std"] == pytest.approx(2 / 3)
+
+
+def warnings_of(driver_cfg, steps: list[dict], caplog) -> list[str]:
+    """The no-learning warnings of Driver._warn_no_learning over steps of metrics (no actors needed)."""
+    driver = object.__new__(Driver)
+    driver.cfg, driver._skip_streak = driver_cfg, 0
+    with caplog.at_level(logging.WARNING, logger="dllm_rl"):
+        for driver.step, metrics in enumerate(steps, 1):
+            driver._warn_no_learning(metrics)
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_a_streak_of_skipped_optimizer_steps_and_a_step_without_spread_are_warned(caplog):
+    cfg = compose_cfg("algorithm.mu=2")
+    skipped = {"actor/skipped_steps": 2.0, "reward/frac_zero_std": 0.5}
+    fine = {"actor/skipped_steps": 1.0, "reward/frac_zero_std": 0.5}
+    # trainer.skip_warn_steps defaults to 3: warned once per streak of 3, and again after a fresh streak.
+    warned = warnings_of(cfg, [skipped] * 5 + [fine] + [skipped] * 3, caplog)
+    assert len(warned) == 2 and warned[0].startswith("steps 1-3: 3 training steps in a row skipped every optimizer")
+    assert warned[1].startswith("steps 7-9:") and "reward scale" in warned[0] and "trainer.optim.lr" in warned[0]
+    caplog.clear()
+    warned = warnings_of(cfg, [{**fine, "reward/frac_zero_std": 1.0}], caplog)
+    assert len(warned) == 1 and "step 1: every group's rewards are equal" in warned[0] and "no gradient" in warned[0]
