@@ -63,6 +63,10 @@ def test_a_worker_killed_in_any_phase_costs_one_retry_and_never_a_second_update(
         policy = ray.get(driver.actors.learners[0].state_dict_for_rollout.remote())
         held = ray.get(driver.actors.rollout[0].__ray_call__.remote(lambda self: self.model.state_dict()))
         assert all(torch.equal(policy[k], held[k]) for k in policy)
+        # A learner holds optimizer state no restart can bring back: the run stops, and says how to go on.
+        kill_on_entry(driver, "update", lambda: driver.actors.learners[0])
+        with pytest.raises(RuntimeError, match="a learner rank died.*trainer.resume=auto"):
+            one_more_step(driver)
     finally:
         driver.close()
 

@@ -111,6 +111,23 @@ def test_cli_writes_metrics_to_hydra_run_dir(tmp_path):
     assert bad.returncode == 2 and "algorithm.group_size=1: expected an integer >= 2" in bad.stderr + bad.stdout
 
 
+def test_rollout_batches_of_several_workers_concat_and_select():
+    from rl.batch import RolloutBatch
+
+    def part(P, B, first):
+        return RolloutBatch(torch.full((B, P), 7), torch.ones(B, P, dtype=torch.long), torch.full((B, 3), first),
+                            torch.ones(B, 3), group_size=2, rows=[{"i": first + j} for j in range(B)],
+                            completions=["a"] * B, images=[None] * B, commit_step=torch.zeros(B, 3),
+                            tokens_per_step=torch.ones(B), seconds=float(first))
+
+    batch = RolloutBatch.concat([part(2, 2, 0), part(4, 4, 2)], pad_id=0)
+    assert batch.prompt_ids.tolist()[0] == [0, 0, 7, 7] and batch.prompt_mask.tolist()[0] == [0, 0, 1, 1]
+    assert batch.answer_ids[:, 0].tolist() == [0, 0, 2, 2, 2, 2] and [r["i"] for r in batch.rows] == list(range(6))
+    assert len(batch) == 6 and batch.commit_step.shape == (6, 3) and batch.seconds == 2.0 and batch.rewards is None
+    half = batch.select(slice(2, 4))
+    assert len(half) == 2 and [r["i"] for r in half.rows] == [2, 3] and half.tokens_per_step.shape == (2,)
+
+
 def test_reward_metrics_log_verl_extras_and_the_groups_without_spread():
     from rewards.worker import Scores
     from rl.batch import RolloutBatch
