@@ -191,7 +191,7 @@ class Driver:
         self.actors.on_learners(refs)
         # Final only now: a rollout worker (re)started from here on must load these, not older ones.
         self.actors.weights = refs[0]
-        self.actors.call("rollout", lambda i, w: w.load_weights.remote(refs[0]))
+        self.actors.call("rollout", lambda _, w: w.load_weights.remote(refs[0]))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> None:
