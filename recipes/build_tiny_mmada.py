@@ -123,15 +123,15 @@ def evaluate(model, tok, vq, clip_dir: Path | None, n: int, seed: int) -> dict:
         attach_image_codes(rows, vq, "val")
     for name, rows in (("shapes_qa", qa), ("arithmetic", arith)):
         batch = rollout(model, tok, rows, 1, EVAL_TEXT, gen, micro_batch=64)
-        out[f"{name}/accuracy"] = sum(exact_answer(batch.extras["completions"], rows)) / len(rows)
+        out[f"{name}/accuracy"] = sum(exact_answer(batch.completions, rows)) / len(rows)
         if name == "shapes_qa":
-            out["shapes_qa/list_accuracy"] = sum(list_correct(batch.extras["completions"], rows)) / len(rows)
+            out["shapes_qa/list_accuracy"] = sum(list_correct(batch.completions, rows)) / len(rows)
     batch = rollout(model, tok, t2i, 1, EVAL_TEXT, gen, micro_batch=64, image_sampler=EVAL_IMAGE)
     if clip_dir is not None and (clip_dir / "config.json").is_file():
         from rewards.clip import ClipScorer
         scorer = ClipScorer(clip_dir)
         captions = [r["prompt"] for r in t2i]
-        out["t2i/clip_score"] = sum(scorer(vq.decode(batch.extras["images"]).numpy(), captions)) / n
+        out["t2i/clip_score"] = sum(scorer(vq.decode(batch.images).numpy(), captions)) / n
         out["t2i/clip_score_reference"] = sum(scorer(vq.decode([r["image_codes"] for r in t2i]).numpy(), captions)) / n
     model.train(was)
     return out

@@ -1,7 +1,7 @@
 """The one batch type that flows through a training step."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -20,7 +20,13 @@ class RolloutBatch:
     advantages: torch.Tensor | None = None  # [B] float
     rewards: torch.Tensor | None = None  # [B] float
     group_size: int = 1
-    extras: dict = field(default_factory=dict)  # per-sample lists (texts, tasks, ground truths)
+    # Per sample, for rewards and metrics (the learner needs none of them).
+    rows: list[dict] = field(default_factory=list)  # the task row each answer is to
+    completions: list[str] = field(default_factory=list)  # decoded text answers ("" for an image answer)
+    images: list[list[int] | None] = field(default_factory=list)  # image codes of an image answer, else None
+    commit_step: torch.Tensor | None = None  # [B, L] long, denoising step that committed each token (-1: none)
+    tokens_per_step: torch.Tensor | None = None  # [B] float, answer tokens committed per denoising step
+    seconds: float = 0.0  # wall time of the generation (of the slowest worker, after concat)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -37,6 +43,33 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
+
+    def select(self, rows: slice) -> RolloutBatch:
+        """The samples `rows` of every per-sample field."""
+        def part(x):
+            return x[rows] if isinstance(x, (torch.Tensor, list)) else x
+        return RolloutBatch(**{f.name: part(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device) -> RolloutBatch:
+        """The tensors on `device`."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    @staticmethod
+    def concat(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+        """Batches of consecutive prompts (one per rollout worker) joined in order: prompts left-padded
+        to the widest, everything else concatenated."""
+        def cat(name):
+            values = [getattr(p, name) for p in parts]
+            if any(v is None for v in values):
+                return None
+            return torch.cat(values) if isinstance(values[0], torch.Tensor) else [x for v in values for x in v]
+        return RolloutBatch(
+            prompt_ids=RolloutBatch.left_pad([p.prompt_ids for p in parts], pad_id),
+            prompt_mask=RolloutBatch.left_pad([p.prompt_mask for p in parts], 0),
+            group_size=parts[0].group_size, seconds=max(p.seconds for p in parts),
+            **{name: cat(name) for name in ("answer_ids", "answer_mask", "advantages", "rewards", "rows",
+                                            "completions", "images", "commit_step", "tokens_per_step")})
 
     @staticmethod
     def left_pad(parts: list[torch.Tensor], pad_value: int) -> torch.Tensor:

@@ -21,6 +21,6 @@ def pass_at_k(model, tokenizer, rows: list[dict], k: int, sampler: SamplerConfig
     model.eval()
     batch = rollout(model, tokenizer, rows, k, sampler, torch.Generator().manual_seed(seed), micro_batch=batch_size)
     model.train(was_training)
-    scores = score(batch.extras["completions"], batch.extras["rows"])
+    scores = score(batch.completions, batch.rows)
     hits = torch.tensor(scores, dtype=torch.float64).view(len(rows), k) > 0.5
     return {"pass@1": hits.float().mean().item(), f"pass@{k}": hits.any(1).float().mean().item(), "n": len(rows)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import deepspeed
@@ -195,15 +194,7 @@ class Learner:
         if (B // G) % self.world_size:
             fail("batch.groups", B // G, f"expected a multiple of world_size={self.world_size} (whole groups per rank)")
         n = B // self.world_size
-        rows = slice(self.rank * n, (self.rank + 1) * n)
-
-        def part(x):
-            return x[rows].to(self.device) if isinstance(x, torch.Tensor) else x
-
-        extras = {k: v[rows] if isinstance(v, (list, tuple)) and len(v) == B else v for k, v in batch.extras.items()}
-        return replace(batch, prompt_ids=part(batch.prompt_ids), prompt_mask=part(batch.prompt_mask),
-                       answer_ids=part(batch.answer_ids), answer_mask=part(batch.answer_mask),
-                       advantages=part(batch.advantages), rewards=part(batch.rewards), extras=extras)
+        return batch.select(slice(self.rank * n, (self.rank + 1) * n)).to(self.device)
 
     def _step(self, loss: torch.Tensor) -> dict:
         self.engine.backward(loss)

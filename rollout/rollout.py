@@ -116,6 +116,9 @@ def rollout(model, tokenizer, rows: list[dict], group_size: int, sampler: Sample
         answer_ids=answer_ids,
         answer_mask=loss_mask,
         group_size=group_size,
-        extras={"rows": expanded, "completions": texts, "images": images,
-                "commit_step": commit_step, "tokens_per_step": torch.stack(per_step)},
+        rows=expanded,
+        completions=texts,
+        images=images,
+        commit_step=commit_step,
+        tokens_per_step=torch.stack(per_step),
     )

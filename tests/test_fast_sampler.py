@@ -153,8 +153,8 @@ def test_rollout_with_the_fast_sampler_reports_tokens_per_step(tiny):
     rows = make_rows("arithmetic", 4, 1, "val")
     cfg = FastSamplerConfig(gen_length=32, block_length=16, steps=16, temperature=0.9)
     batch = rollout(model, tok, rows, 4, cfg, torch.Generator().manual_seed(0))
-    tps = batch.extras["tokens_per_step"]
+    tps = batch.tokens_per_step
     assert tps.shape == (16,) and (tps >= 1).all()
-    assert (batch.extras["commit_step"] >= 0).all()
+    assert (batch.commit_step >= 0).all()
     ref = rollout(model, tok, rows, 4, replace(SamplerConfig(), gen_length=32, block_length=16, steps=16), None)
-    assert torch.equal(ref.extras["tokens_per_step"], torch.full((16,), 2.0))
+    assert torch.equal(ref.tokens_per_step, torch.full((16,), 2.0))

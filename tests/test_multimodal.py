@@ -13,7 +13,7 @@ from rl.data.encode import encode_prompts, encode_rows
 from rl.data.loader import attach_image_codes
 from rl.data.tasks import make_rows, validate_rows
 from rl.models.llada import LLaDAConfig, LLaDAModelLM
-from rl.models.tokenizer import SOI, EOI, add_multimodal_tokens, train_tokenizer
+from rl.models.tokenizer import EOI, SOI, add_multimodal_tokens, train_tokenizer
 from rl.models.vq import VQConfig, VQImageTokenizer, load_image_tokenizer
 from rollout.fast import FastSamplerConfig
 from rollout.image import ImageSamplerConfig, generate_image, mask_schedule
@@ -220,16 +220,16 @@ def test_mixed_rollout_keeps_order_lengths_and_masks(mm, vq):
     batch = rollout(model, tok, rows, 2, sampler, torch.Generator().manual_seed(0),
                     image_sampler=ImageSamplerConfig(steps=4))
     offset = model.config.image_token_offset
-    assert batch.answer_ids.shape == (10, 64) and [r["prompt"] for r in batch.extras["rows"]][::2] == [r["prompt"] for r in rows]
-    for i, row in enumerate(batch.extras["rows"]):
-        codes = batch.extras["images"][i]
+    assert batch.answer_ids.shape == (10, 64) and [r["prompt"] for r in batch.rows][::2] == [r["prompt"] for r in rows]
+    for i, row in enumerate(batch.rows):
+        codes = batch.images[i]
         if row.get("mode") == "t2i":
-            assert batch.extras["completions"][i] == "" and len(codes) == 64
+            assert batch.completions[i] == "" and len(codes) == 64
             assert batch.answer_mask[i].sum() == 64 and torch.equal(batch.answer_ids[i] - offset, torch.tensor(codes))
         else:
             assert codes is None and (batch.answer_mask[i, 32:] == 0).all()
             assert (batch.answer_ids[i, :32] < offset).all()  # a text answer never draws an image code
-    assert batch.extras["commit_step"].shape == (10, 64) and batch.extras["tokens_per_step"].shape == (10,)
+    assert batch.commit_step.shape == (10, 64) and batch.tokens_per_step.shape == (10,)
 
 
 def test_text_answers_of_a_unified_model_draw_text_tokens_only(mm, vq):
@@ -245,9 +245,9 @@ def test_text_answers_of_a_unified_model_draw_text_tokens_only(mm, vq):
 
 
 def test_batch_metrics_measure_text_lengths_when_image_answers_are_longer():
-    from rl.batch import RolloutBatch
     from rewards.worker import Scores
-    from rl.driver import batch_metrics
+    from rl.batch import RolloutBatch
+    from rl.metrics import batch_metrics
 
     # gen_length 4, image answers 8 codes: a text answer is clipped when position 3 is still counted.
     mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0],   # text, no end token: clipped
@@ -256,10 +256,10 @@ def test_batch_metrics_measure_text_lengths_when_image_answers_are_longer():
                         dtype=torch.float)
     batch = RolloutBatch(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long),
                          torch.zeros(3, 8, dtype=torch.long), mask, rewards=torch.tensor([0.0, 1.0, 0.5]),
-                         extras={"images": [None, None, list(range(8))], "tokens_per_step": torch.ones(3),
-                                 "rows": [{"task": "arithmetic"}, {"task": "shapes_qa"}, {"task": "t2i"}]})
+                         images=[None, None, list(range(8))], tokens_per_step=torch.ones(3), seconds=1.0,
+                         rows=[{"task": "arithmetic"}, {"task": "shapes_qa"}, {"task": "t2i"}])
     scores = Scores([0.0] * 3, [0.0, 1.0, float("nan")], {"clip_score": [float("nan")] * 2 + [40.0]})
-    m = batch_metrics(batch, scores, 4, 1.0, 2.0)
+    m = batch_metrics(batch, scores, 4, 2.0)
     assert m["response_length/clip_ratio"] == 0.5
     assert m["response_length/mean"] == 3.0 and m["response_length/max"] == 4.0
     assert m["train/accuracy"] == 0.5 and m["reward/clip_score/mean"] == 40.0

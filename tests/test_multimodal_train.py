@@ -7,7 +7,7 @@ import pytest
 from rl.config import ConfigError
 from rl.driver import Driver
 from rl.tracking import read_metrics
-from tests.test_train import compose_cfg, local_ray  # noqa: F401 (local_ray is a fixture)
+from tests.conftest import compose_cfg
 
 SMALL = ["trainer.total_steps=1", "trainer.prompts_per_step=3", "algorithm.group_size=2", "algorithm.mu=1",
          "trainer.val_every=1", "trainer.save_every=0", "ray.num_cpus=6", "rollout.image.steps=4"]
@@ -23,10 +23,10 @@ def test_unified_recipe_logs_every_task_and_saves_image_grids(local_ray, tmp_pat
     val_batches = []
 
     def generate(rows, group_size, seed, temperature=None):
-        batch, seconds = Driver.generate(driver, rows, group_size, seed, temperature)
-        if temperature is not None:  # validation passes the validation temperature
-            val_batches.append((len(rows), len(batch.extras["rows"])))
-        return batch, seconds
+        batch = Driver.generate(driver, rows, group_size, seed, temperature)
+        if temperature is not None:  # evaluation passes the validation temperature
+            val_batches.append((len(rows), len(batch.rows)))
+        return batch
 
     driver.generate = generate
     try:

@@ -69,23 +69,20 @@ def test_mmada_layout_one_rollout_rewards_and_update(dirs):
     sampler = {"sampler": "fast", "gen_length": 16, "block_length": 8, "steps": 16, "temperature": 0.9,
                "image": {"steps": 4}}
     worker = RolloutWorker(str(dirs / "mmada"), sampler, threads=2)
-    out = worker.generate(rows, 2, seed=0)
-    assert out["answer_ids"].shape == (4, 16)
-    image_rows = [i for i, r in enumerate(out["rows"]) if r["mode"] == "t2i"]
-    assert image_rows == [2, 3] and all(0 <= c < CODES for i in image_rows for c in out["images"][i])
-    assert (out["answer_ids"][2:] >= TEXT_VOCAB).all()
+    batch = worker.generate(rows, 2, seed=0)
+    assert batch.answer_ids.shape == (4, 16)
+    image_rows = [i for i, r in enumerate(batch.rows) if r["mode"] == "t2i"]
+    assert image_rows == [2, 3] and all(0 <= c < CODES for i in image_rows for c in batch.images[i])
+    assert (batch.answer_ids[2:] >= TEXT_VOCAB).all()
 
     rewards = RewardWorker([{"name": "math", "weight": 2.0, "tasks": ["shapes_qa"]},
                             {"name": "clip", "weight": 0.1, "key": "clip_score", "tasks": ["t2i"],
                              "kwargs": {"path": str(dirs / "clip")}}], ["math"], str(dirs / "vq"))
-    scores = rewards.score([r["prompt"] for r in out["rows"]], out["completions"], out["rows"], out["images"])
+    scores = rewards.score([r["prompt"] for r in batch.rows], batch.completions, batch.rows, batch.images)
     clip = scores.components["clip_score"]
     assert np.isnan(clip[:2]).all() and np.isfinite(clip[2:]).all() and -100 <= min(clip[2:]) <= max(clip[2:]) <= 100
 
-    from rl.batch import RolloutBatch
-    batch = RolloutBatch(prompt_ids=out["prompt_ids"], prompt_mask=out["prompt_mask"], answer_ids=out["answer_ids"],
-                         answer_mask=out["answer_mask"], group_size=2,
-                         rewards=torch.tensor([1.0, 0.0, 0.3, 0.1]))
+    batch.rewards = torch.tensor([1.0, 0.0, 0.3, 0.1])
     batch.advantages = group_advantages(batch.rewards, 2)
     learner = Learner(str(dirs / "mmada"), {"name": "unigrpo", "mu": 1, "beta": 0.04}, {"lr": 1e-3}, 0, rank=0,
                       world_size=1, master_port=free_port())

@@ -4,36 +4,17 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import ray
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from rl.driver import Driver
 from rl.tracking import read_metrics
+from tests.conftest import ROOT, SMALL, compose_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "trainer.total_steps=2", "trainer.prompts_per_step=2", "algorithm.group_size=2", "algorithm.mu=2",
-    "task.train={arithmetic: 16}", "task.val={arithmetic: 4}", "trainer.val_every=1", "trainer.save_every=1",
-    "ray.num_cpus=6",
-]
 TIMING = ("timing_s/", "perf/")
-
-
-def compose_cfg(*overrides, base=SMALL):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*base, *overrides])
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=6, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def run(tmp_path, *overrides, name="run"):
@@ -52,7 +33,8 @@ def test_two_steps_write_metrics_checkpoints_and_curve(local_ray, tmp_path):
     for key in ("timing_s/gen", "timing_s/reward", "timing_s/update_actor", "timing_s/update_weights", "timing_s/step",
                 "perf/throughput", "response_length/mean", "reward/mean", "reward/math/mean", "reward/format/mean",
                 "actor/pg_loss", "actor/pg_clipfrac", "actor/kl_loss", "actor/grad_norm",
-                "val/accuracy", "val/arithmetic/accuracy", "rollout/tokens_per_step"):
+                "val/accuracy", "val/arithmetic/accuracy", "rollout/tokens_per_step", "reward/frac_zero_std",
+                "reward/timeouts", "val/reward/timeouts"):
         assert key in step, key
     assert step["rollout/tokens_per_step"] > 1  # the default fast sampler commits several tokens per step
     assert "val/accuracy" in metrics[0]
@@ -88,15 +70,15 @@ def test_dead_actors_are_named_restarted_and_the_step_retried_or_failed_cleanly(
                     tmp_path / "run")
     try:
         with caplog.at_level(logging.WARNING, logger="dllm_rl"):
-            ray.kill(driver.rollout[0], no_restart=True)
+            ray.kill(driver.actors.rollout[0], no_restart=True)
             driver.cfg.trainer.total_steps = 1
             driver.fit()
             assert "rollout-0 died" in caplog.text and "restarted rollout-0" in caplog.text
-            ray.kill(driver.reward[0], no_restart=True)
+            ray.kill(driver.actors.reward[0], no_restart=True)
             driver.cfg.trainer.total_steps = 2
             driver.fit()
             assert "reward-0 died" in caplog.text and "restarted reward-0" in caplog.text
-        ray.kill(driver.reward[0], no_restart=True)
+        ray.kill(driver.actors.reward[0], no_restart=True)
         driver.cfg.trainer.on_actor_failure = "fail"
         driver.cfg.trainer.total_steps = 3
         with pytest.raises(RuntimeError, match="actor reward-0 died"):
@@ -120,10 +102,67 @@ def test_cli_writes_metrics_to_hydra_run_dir(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "rl.train", f"hydra.run.dir={tmp_path}", *SMALL,
                           "trainer.total_steps=1", "trainer.save_every=0"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                         check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1] and "reward/mean" in lines[1]
     bad = subprocess.run([sys.executable, "-m", "rl.train", f"hydra.run.dir={tmp_path / 'bad'}",
-                          "algorithm.group_size=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          "algorithm.group_size=1"], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "algorithm.group_size=1: expected an integer >= 2" in bad.stderr + bad.stdout
+
+
+def test_rollout_batches_of_several_workers_concat_and_select():
+    from rl.batch import RolloutBatch
+
+    def part(P, B, first):
+        return RolloutBatch(torch.full((B, P), 7), torch.ones(B, P, dtype=torch.long), torch.full((B, 3), first),
+                            torch.ones(B, 3), group_size=2, rows=[{"i": first + j} for j in range(B)],
+                            completions=["a"] * B, images=[None] * B, commit_step=torch.zeros(B, 3),
+                            tokens_per_step=torch.ones(B), seconds=float(first))
+
+    batch = RolloutBatch.concat([part(2, 2, 0), part(4, 4, 2)], pad_id=0)
+    assert batch.prompt_ids.tolist()[0] == [0, 0, 7, 7] and batch.prompt_mask.tolist()[0] == [0, 0, 1, 1]
+    assert batch.answer_ids[:, 0].tolist() == [0, 0, 2, 2, 2, 2] and [r["i"] for r in batch.rows] == list(range(6))
+    assert len(batch) == 6 and batch.commit_step.shape == (6, 3) and batch.seconds == 2.0 and batch.rewards is None
+    half = batch.select(slice(2, 4))
+    assert len(half) == 2 and [r["i"] for r in half.rows] == [2, 3] and half.tokens_per_step.shape == (2,)
+
+
+def test_reward_metrics_log_verl_extras_and_the_groups_without_spread():
+    from rewards.worker import Scores
+    from rl.batch import RolloutBatch
+    from rl.metrics import batch_metrics
+
+    B = 6  # three groups of two: spread, none (both 1), none (both 0)
+    batch = RolloutBatch(torch.ones(B, 2, dtype=torch.long), torch.ones(B, 2, dtype=torch.long),
+                         torch.zeros(B, 4, dtype=torch.long), torch.ones(B, 4), group_size=2,
+                         rewards=torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0]), images=[None] * B,
+                         tokens_per_step=torch.ones(B), rows=[{}] * B, seconds=1.0)
+    scores = Scores([0.0] * B, [float("nan")] * B, {"exact": [0.0] * B},
+                    extras={"exact/len": [3, 5, None, 1, 1, 2], "exact/source": ["d"] * B, "exact/hit": [True] * B})
+    m = batch_metrics(batch, scores, 4, 1.0)
+    assert m["reward/exact/len"] == 2.4 and m["reward/exact/hit"] == 1.0 and "reward/exact/source" not in m
+    assert m["reward/frac_zero_std"] == pytest.approx(2 / 3)
+
+
+def warnings_of(driver_cfg, steps: list[dict], caplog) -> list[str]:
+    """The no-learning warnings of Driver._warn_no_learning over steps of metrics (no actors needed)."""
+    driver = object.__new__(Driver)
+    driver.cfg, driver._skip_streak = driver_cfg, 0
+    with caplog.at_level(logging.WARNING, logger="dllm_rl"):
+        for driver.step, metrics in enumerate(steps, 1):
+            driver._warn_no_learning(metrics)
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_a_streak_of_skipped_optimizer_steps_and_a_step_without_spread_are_warned(caplog):
+    cfg = compose_cfg("algorithm.mu=2")
+    skipped = {"actor/skipped_steps": 2.0, "reward/frac_zero_std": 0.5}
+    fine = {"actor/skipped_steps": 1.0, "reward/frac_zero_std": 0.5}
+    # trainer.skip_warn_steps defaults to 3: warned once per streak of 3, and again after a fresh streak.
+    warned = warnings_of(cfg, [skipped] * 5 + [fine] + [skipped] * 3, caplog)
+    assert len(warned) == 2 and warned[0].startswith("steps 1-3: 3 training steps in a row skipped every optimizer")
+    assert warned[1].startswith("steps 7-9:") and "reward scale" in warned[0] and "trainer.optim.lr" in warned[0]
+    caplog.clear()
+    warned = warnings_of(cfg, [{**fine, "reward/frac_zero_std": 1.0}], caplog)
+    assert len(warned) == 1 and "step 1: every group's rewards are equal" in warned[0] and "no gradient" in warned[0]

@@ -1,0 +1,218 @@
+"""The run's Ray actors: starting Ray, placing the rollout, reward and learner actors, calls that
+name the actor that died, restarts and shutdown. The loop that uses them is rl/driver.py."""
+from __future__ import annotations
+
+import inspect
+import logging
+import socket
+import time
+from collections.abc import Callable
+from functools import partial
+
+import ray
+from omegaconf import DictConfig, OmegaConf
+from ray.experimental import internal_kv
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rewards.worker import RewardWorker
+from rl.config import image_tokenizer_path
+from rollout.worker import RolloutWorker
+
+log = logging.getLogger("dllm_rl")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@ray.remote(num_cpus=0)
+def _node_address() -> tuple[str, int]:
+    """Where learner rank 0 will listen: its node's address and a free port there."""
+    return ray.util.get_node_ip_address(), _free_port()
+
+
+def _running_key(actor: str) -> str:
+    return f"dllm_rl/{actor}/current"
+
+
+def _report_running(actor: str, key: str | None) -> None:
+    """RewardWorker's on_call: the reward function running now, kept outside the actor (in Ray's
+    key-value store, reachable from any node) so the driver can name it after a hang or a crash."""
+    if key is None:
+        internal_kv._internal_kv_del(_running_key(actor))
+    else:
+        internal_kv._internal_kv_put(_running_key(actor), key, overwrite=True)
+
+
+def start_ray(rc: DictConfig) -> None:
+    if ray.is_initialized():
+        return
+    if rc.address is not None:
+        extra = {"_node_ip_address": rc.node_ip_address} if rc.node_ip_address else {}
+        ray.init(address=rc.address, log_to_driver=True, **extra)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=rc.num_cpus, include_dashboard=rc.dashboard,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+class Actors:
+    """N rollout workers, M reward workers and K learner ranks in one placement group."""
+
+    def __init__(self, cfg: DictConfig, model_path: str, accuracy_keys: list[str]):
+        self.cfg, self.model_path, self.accuracy_keys = cfg, model_path, accuracy_keys
+        self.weights = None  # ObjectRef of the newest policy weights, for (re)started rollout workers
+        start_ray(cfg.ray)
+        n, m, k = cfg.rollout.num_workers, cfg.reward.num_workers, cfg.trainer.num_learners
+        gpu = 1 if cfg.trainer.device == "cuda" else 0
+        bundles = [{"CPU": 1, "GPU": gpu}] * n + [{"CPU": 1}] * m + [{"CPU": 1, "GPU": gpu}] * k
+        bundles = [{r: v for r, v in b.items() if v} for b in bundles]
+        self.pg = placement_group(bundles, strategy=cfg.ray.placement_strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=cfg.ray.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            need = {r: sum(b.get(r, 0) for b in bundles) for r in ("CPU", "GPU")}
+            have = ray.cluster_resources()
+            remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"could not place {n} rollout + {m} reward + {k} learner actors within "
+                f"{cfg.ray.placement_timeout_s}s: they need {need}, the cluster has "
+                f"{ {r: have.get(r, 0) for r in need} } (lower rollout.num_workers / reward.num_workers / "
+                f"trainer.num_learners, or add nodes)") from None
+        nodes = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        names = [f"rollout-{i}" for i in range(n)] + [f"reward-{i}" for i in range(m)] + [f"learner-{i}" for i in range(k)]
+        log.info("placement: %s", ", ".join(f"{name}@{nodes[i][:8]}" for i, name in enumerate(names)))
+        self.rollout = [self._make_rollout(i) for i in range(n)]
+        self.reward = [self._make_reward(i) for i in range(m)]
+        from rl.learner import Learner  # deepspeed: not in the reward workers, which load this module for on_call
+
+        addr, port = ray.get(_node_address.options(scheduling_strategy=self._bundle(n + m)).remote())
+        algo = OmegaConf.to_container(cfg.algorithm)
+        algorithm = {"name": algo["name"], "mu": algo["mu"], **algo["hyper"]}
+        optim = OmegaConf.to_container(cfg.trainer.optim)
+        lora = OmegaConf.to_container(cfg.model.lora) if cfg.model.lora else None
+        self.learners = [
+            ray.remote(Learner).options(name=f"learner-{r}", num_cpus=1, num_gpus=gpu,
+                                        scheduling_strategy=self._bundle(n + m + r), runtime_env=self._env()).remote(
+                model_path, algorithm, optim, cfg.trainer.zero_stage, r, k, addr, port, lora, cfg.seed,
+                cfg.trainer.device)
+            for r in range(k)
+        ]
+        self.pad_id = ray.get(self.rollout[0].pad_id.remote())
+
+    def _bundle(self, index: int):
+        return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=index)
+
+    def _env(self) -> dict:
+        threads = str(self.cfg.ray.threads_per_actor)
+        return {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
+
+    def _make_rollout(self, i: int):
+        r = self.cfg.rollout
+        sampler = OmegaConf.to_container(r)  # the worker picks the sampler's keys (rollout.rollout.sampler_config)
+        gpu = 1 if self.cfg.trainer.device == "cuda" else 0
+        actor = ray.remote(RolloutWorker).options(
+            name=f"rollout-{i}", num_cpus=1, num_gpus=gpu, scheduling_strategy=self._bundle(i),
+            runtime_env=self._env()).remote(self.model_path, sampler, self.cfg.ray.threads_per_actor,
+                                            self.cfg.trainer.device, r.micro_batch)
+        if self.weights is not None:
+            ray.get(actor.load_weights.remote(self.weights))
+        return actor
+
+    def _make_reward(self, i: int):
+        functions = OmegaConf.to_container(self.cfg.reward.functions, resolve=True)
+        name = f"reward-{i}"
+        # RewardWorker reports the function it runs through on_call (rewards/worker.py), where it takes one.
+        report = {"on_call": partial(_report_running, name)} if "on_call" in _REWARD_ARGS else {}
+        return ray.remote(RewardWorker).options(
+            name=name, num_cpus=1, scheduling_strategy=self._bundle(self.cfg.rollout.num_workers + i),
+            runtime_env=self._env()).remote(functions, self.accuracy_keys, image_tokenizer_path(self.cfg), **report)
+
+    # ---- calls and faults --------------------------------------------------------------------
+    def call(self, kind: str, submit: Callable, timeout: float | None = None, on_timeout: str = "fail") -> dict:
+        """{i: result} of `submit(i, worker)` (an ObjectRef, or None for no call) over the pool `kind`
+        (rollout or reward). A worker that dies is restarted and only its call resubmitted, at most
+        trainer.max_retries times per call: every such call (generate with its seed, score,
+        load_weights) gives the same answer twice. A call still running after `timeout` seconds kills
+        and restarts its worker, then fails (on_timeout=fail) or gives None (zero)."""
+        tr, pool = self.cfg.trainer, getattr(self, kind)
+        futures = {i: (f, _deadline(timeout)) for i, w in enumerate(pool) if (f := submit(i, w)) is not None}
+        results, deaths = {}, 0
+        while futures:
+            i, (future, deadline) = next(iter(futures.items()))
+            name = f"{kind}-{i}"
+            try:
+                results[i] = ray.get(future, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                running = self._running(name)
+                self.restart(name)
+                msg = f"{name} gave no answer within reward.timeout_s={timeout}{running}; restarted it"
+                if on_timeout == "fail":
+                    raise RuntimeError(f"{msg}; stopping (reward.on_timeout=fail)") from None
+                log.error("%s; its samples score 0 (reward.on_timeout=%s)", msg, on_timeout)
+                results[i] = None
+            except ray.exceptions.RayActorError as e:
+                running = self._running(name)
+                deaths += 1
+                log.error("actor %s died%s (%s)", name, running, e)
+                if tr.on_actor_failure == "fail" or deaths > tr.max_retries:
+                    raise RuntimeError(f"actor {name} died{running}; stopping (trainer.on_actor_failure="
+                                       f"{tr.on_actor_failure}, trainer.max_retries={tr.max_retries})") from e
+                self.restart(name)
+                futures[i] = (submit(i, pool[i]), _deadline(timeout))
+                log.warning("restarted %s, retrying its call (attempt %d)", name, deaths + 1)
+                continue
+            del futures[i]
+        return results
+
+    def on_learners(self, refs: list) -> list:
+        """ray.get of one call per learner rank. A rank that dies ends the run: its optimizer state is
+        gone, and an update that may have been applied must never be applied again."""
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError("a learner rank died; its optimizer state is lost, so the run stops here "
+                               "(resume from the newest checkpoint: trainer.resume=auto)") from e
+
+    def _running(self, name: str) -> str:
+        key = internal_kv._internal_kv_get(_running_key(name))
+        return f" while running reward {key.decode()!r}" if key else ""
+
+    def restart(self, name: str) -> None:
+        kind, idx = name.rsplit("-", 1)
+        idx = int(idx)
+        pool = {"rollout": self.rollout, "reward": self.reward}[kind]
+        ray.kill(pool[idx], no_restart=True)
+        if kind == "reward":
+            internal_kv._internal_kv_del(_running_key(name))
+        pool[idx] = self._make_rollout(idx) if kind == "rollout" else self._make_reward(idx)
+
+    def close(self) -> None:
+        for a in [*self.rollout, *self.reward, *self.learners]:
+            ray.kill(a, no_restart=True)
+        remove_placement_group(self.pg)
+        # Names are released asynchronously; a driver started next in the same Ray must find them free.
+        names = [f"{kind}-{i}" for kind, pool in (("rollout", self.rollout), ("reward", self.reward),
+                                                   ("learner", self.learners)) for i in range(len(pool))]
+        deadline = time.monotonic() + 30
+        while names and time.monotonic() < deadline:
+            names = [n for n in names if _actor_alive(n)]
+            if names:
+                time.sleep(0.1)
+
+
+_REWARD_ARGS = inspect.signature(RewardWorker.__init__).parameters
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _actor_alive(name: str) -> bool:
+    try:
+        ray.get_actor(name)
+        return True
+    except ValueError:
+        return False
