@@ -41,6 +41,14 @@ CONSOLE_FIELDS = (
     ("timing_s/step", "s/step", ".2f"),
     ("perf/throughput", "tok/s", ".0f"),
 )
+# (title, metric) of the curves.png panels after reward and validation, drawn only for metrics the run logged.
+DIAGNOSTIC_PANELS = (
+    ("KL to reference (actor/kl_loss)", "actor/kl_loss"),
+    ("policy loss (actor/pg_loss)", "actor/pg_loss"),
+    ("response length (mean)", "response_length/mean"),
+    ("groups with zero reward spread", "reward/frac_zero_std"),
+)
+PANEL_COLUMNS = 4
 
 
 def _number(key: str, value) -> float | int:
@@ -48,6 +56,21 @@ def _number(key: str, value) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__} {value!r}")
     return value
+
+
+def _title(experiment_name: str, config: dict | None) -> str:
+    """curves.png's title: the experiment, the recipe (when Hydra composed the run) and the algorithm."""
+    # Through sys.modules, like Ray below: a Tracker outside a Hydra app never imports Hydra.
+    hydra_config = sys.modules.get("hydra.core.hydra_config")
+    recipe = None
+    if hydra_config is not None and hydra_config.HydraConfig.initialized():
+        recipe = hydra_config.HydraConfig.get().runtime.choices.get("recipe")
+    algorithm = ((config or {}).get("algorithm") or {}).get("name")
+    details = [f"recipe {recipe}"] * bool(recipe) + [f"algorithm {algorithm}"] * bool(algorithm)
+    if not details:
+        return experiment_name
+    # The driver names an experiment after its algorithm unless told otherwise: do not say it twice.
+    return ", ".join(details) if experiment_name == algorithm else f"{experiment_name} ({', '.join(details)})"
 
 
 def _is_val_accuracy(key: str) -> bool:
@@ -81,7 +104,7 @@ class Tracker:
 
     def __init__(self, run_dir: str | os.PathLike, loggers=("console",), project: str = "dllm-rl",
                  experiment_name: str | None = None, config: dict | None = None, total_steps: int | None = None,
-                 wandb_mode: str = "offline", resume_id: str | None = None):
+                 wandb_mode: str = "offline", resume_id: str | None = None, title: str | None = None):
         unknown = sorted(set(loggers) - set(LOGGERS))
         if unknown:
             raise ValueError(f"trainer.logger: unknown logger(s) {unknown}; choose from {list(LOGGERS)}")
@@ -89,6 +112,7 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
         self.experiment_name = experiment_name or self.run_dir.name
+        self.title = title or _title(self.experiment_name, config)
         self.total_steps = total_steps
         self.console = "console" in loggers
         self._file = None
@@ -185,41 +209,70 @@ class Tracker:
             if key in record and math.isfinite(record[key]):
                 gauge.set(record[key], tags={"experiment": self.experiment_name})
 
-    def plot(self) -> Path:
-        """Write curves.png: reward/mean, validation accuracies and (when logged) other validation scores,
-        such as val/t2i/clip_score and its reference, against step, read from metrics.jsonl."""
+    def panels(self, records: list[dict]) -> list[tuple[str, list[tuple[str, list]]]]:
+        """curves.png's panels as (title, [(label, [(step, value), ...]), ...]): reward, validation
+        accuracies, other validation scores (such as val/t2i/clip_score and its reference) and the
+        DIAGNOSTIC_PANELS the run logged. Series with the same points in a panel are drawn once, labelled
+        with every name (in a single-task run val/accuracy is val/<task>/accuracy)."""
+        val_keys = sorted({k for r in records for k in r if _is_val_accuracy(k)})
+        score_keys = sorted({k for r in records for k in r if k.startswith("val/") and not _is_val_accuracy(k)
+                             and k != "val/reward/mean"})
+        groups = [("reward", ["reward/mean"])]
+        # A run with no correctness reward (text-to-image) has scores only: no empty accuracy panel.
+        if val_keys or not score_keys:
+            groups.append(("validation accuracy", val_keys))
+        if score_keys:
+            groups.append(("validation scores", score_keys))
+        groups += [(title, [key]) for title, key in DIAGNOSTIC_PANELS if any(key in r for r in records)]
+        panels = []
+        for title, keys in groups:
+            series = []
+            for key in keys:
+                points = [(r["step"], r[key]) for r in records if key in r]
+                same = next((i for i, (_, drawn) in enumerate(series) if drawn == points), None)
+                if same is not None:
+                    series[same] = (f"{series[same][0]} = {key}", points)
+                elif points:
+                    series.append((key, points))
+            panels.append((title, series))
+        return panels
+
+    def figure(self):
+        """The curves as a matplotlib Figure, read from metrics.jsonl; `title` above the panels."""
         # The object-oriented API with the Agg canvas draws without pyplot, so it never switches the
         # process-wide backend or needs a display.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         records = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
-        val_keys = sorted({k for r in records for k in r if _is_val_accuracy(k)})
-        score_keys = sorted({k for r in records for k in r if k.startswith("val/") and not _is_val_accuracy(k)
-                             and k != "val/reward/mean"})
-        panels = [(["reward/mean"], "reward")]
-        # A run with no correctness reward (text-to-image) has scores only: no empty accuracy panel.
-        if val_keys or not score_keys:
-            panels.append((val_keys, "validation accuracy"))
-        if score_keys:
-            panels.append((score_keys, "validation scores"))
-        fig = Figure(figsize=(5.5 * len(panels), 4), dpi=100)
+        panels = self.panels(records)
+        # At most PANEL_COLUMNS a row, rows filled evenly (six panels: 3 + 3, not 4 + 2).
+        rows = math.ceil(len(panels) / PANEL_COLUMNS)
+        cols = math.ceil(len(panels) / rows)
+        fig = Figure(figsize=(4.5 * cols, 3.4 * rows + 0.6), dpi=100)
         FigureCanvasAgg(fig)
-        for ax, (keys, title) in zip(fig.subplots(1, len(panels)), panels):
-            for key in keys:
-                points = [(r["step"], r[key]) for r in records if key in r]
-                if points:
-                    ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, ms=3, label=key)
-            ax.set(title=title, xlabel="step")
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        for ax, (title, series) in zip(axes, panels):
+            for label, points in series:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, ms=3, label=label)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=8)
-        fig.suptitle(self.experiment_name)
+            if series:
+                ax.legend(fontsize=7)
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        fig.suptitle(self.title)
         # Fixed margins: tight_layout would render the figure twice, and plot() runs at every validation.
-        fig.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.85, wspace=0.18)
+        fig.subplots_adjust(left=0.06, right=0.98, bottom=0.6 / fig.get_figheight(),
+                            top=1 - 0.6 / fig.get_figheight(), wspace=0.25, hspace=0.45)
+        return fig
+
+    def plot(self) -> Path:
+        """Write curves.png (see figure())."""
         out = self.run_dir / CURVES_FILE
         tmp = out.with_name(out.name + ".tmp")
-        fig.savefig(tmp, format="png")
+        self.figure().savefig(tmp, format="png")
         os.replace(tmp, out)
         return out
 

@@ -102,19 +102,60 @@ def test_plot_writes_png_at_validation_steps_and_close(tmp_path):
 
 
 def test_plot_panels_follow_the_logged_validation_metrics(tmp_path):
-    from PIL import Image
-
-    def width(val):
-        run = tmp_path / str(len(list(tmp_path.iterdir())))
-        tr = Tracker(run, [], experiment_name="exp")
-        tr.log(1, {**step_metrics(1), **val})
+    def titles(val):
+        tr = Tracker(tmp_path / str(len(list(tmp_path.iterdir()))), [], experiment_name="exp")
+        tr.log(1, {"reward/mean": 0.5, **val})
         tr.close()
-        return Image.open(run / CURVES_FILE).size[0]
+        return [title for title, _ in tr.panels(read_metrics(tr.metrics_path))]
 
-    panel = width({"val/accuracy": 0.5}) // 2  # reward | accuracy
     scores = {"val/t2i/clip_score": 40.0, "val/t2i/clip_score_reference": 90.0}
-    assert width(scores) == 2 * panel  # reward | scores: no empty accuracy panel for text-to-image
-    assert width({"val/accuracy": 0.5, **scores}) == 3 * panel
+    assert titles({"val/accuracy": 0.5}) == ["reward", "validation accuracy"]
+    assert titles(scores) == ["reward", "validation scores"]  # text-to-image: no empty accuracy panel
+    assert titles({"val/accuracy": 0.5, **scores}) == ["reward", "validation accuracy", "validation scores"]
+
+
+def test_plot_has_diagnostic_panels_and_draws_identical_series_once(tmp_path):
+    tr = Tracker(tmp_path, [], experiment_name="unigrpo", config={"algorithm": {"name": "unigrpo"}})
+    for step in (1, 2, 3):
+        val = {"val/accuracy": 0.1 * step, "val/arithmetic/accuracy": 0.1 * step,  # one task: the same values
+               "val/countdown/accuracy": 0.05 * step} if step != 2 else {}
+        tr.log(step, {**step_metrics(step), "response_length/mean": 20.0 + step, "reward/frac_zero_std": 0.25,
+                      **val})
+    panels = dict(tr.panels(read_metrics(tr.metrics_path)))
+    assert list(panels) == ["reward", "validation accuracy", *(title for title, _ in rl.tracking.DIAGNOSTIC_PANELS)]
+    labels = [label for label, _ in panels["validation accuracy"]]
+    assert labels == ["val/accuracy = val/arithmetic/accuracy", "val/countdown/accuracy"]
+    assert panels["validation accuracy"][0][1] == [(1, 0.1), (3, pytest.approx(0.3))]
+    for (title, key), (label, points) in zip(rl.tracking.DIAGNOSTIC_PANELS,
+                                             (panels[t][0] for t, _ in rl.tracking.DIAGNOSTIC_PANELS)):
+        assert label == key and [s for s, _ in points] == [1, 2, 3]
+    fig = tr.figure()
+    drawn = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in drawn] == list(panels)
+    assert len(drawn[1].lines) == 2  # the identical accuracy series is one line
+    assert fig.get_suptitle() == "algorithm unigrpo"
+    tr.close()
+    assert (tmp_path / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diagnostic_panels_only_for_logged_metrics(tmp_path):
+    tr = Tracker(tmp_path, [])
+    tr.log(1, {"reward/mean": 0.5, "actor/pg_loss": 0.1})  # e.g. an older run without the newer metrics
+    titles = [title for title, _ in tr.panels(read_metrics(tr.metrics_path))]
+    assert titles == ["reward", "validation accuracy", "policy loss (actor/pg_loss)"]
+    tr.close()
+
+
+def test_title_names_experiment_recipe_and_algorithm(monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    assert rl.tracking._title("exp", None) == "exp"
+    assert rl.tracking._title("spg", {"algorithm": {"name": "spg"}}) == "algorithm spg"
+    hydra_cfg = OmegaConf.create({"hydra": {"runtime": {"choices": {"recipe": "t2i_tiny"}}}})
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", hydra_cfg)
+    assert HydraConfig.initialized()
+    assert rl.tracking._title("mine", {"algorithm": {"name": "unigrpo"}}) == "mine (recipe t2i_tiny, algorithm unigrpo)"
 
 
 def test_wandb_offline_run_and_resume_reuse_the_id(wandb_env):
@@ -162,3 +203,4 @@ def test_module_works_without_ray(tmp_path, monkeypatch, capsys):
     tr.log(1, {"reward/mean": 1.0})
     tr.close()
     assert capsys.readouterr().out.startswith("step 1/1 | reward 1.0000")
+
