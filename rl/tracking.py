@@ -6,13 +6,16 @@
                                               # redraws curves.png when they include val accuracy
     tracker.close()                           # or use the Tracker as a context manager
 
-metrics.jsonl is always written (one {"step": N, ...} object per line) and is what plot() reads.
+metrics.jsonl is always written (one {"step": N, ...} object per line) and is what plot() reads. Each
+step's console line is also logged at INFO to the STEP_LOGGER logger, so a log file (Hydra's train.log
+in the run dir, see rl/train.py) holds it too.
 wandb runs offline unless WANDB_MODE (which wins) or `wandb_mode` says otherwise; its run id is kept
 in <run_dir>/wandb_run_id.txt so a resumed run continues the same curve.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -26,6 +29,7 @@ LOGGERS = ("console", "wandb")
 METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "wandb_run_id.txt"
 CURVES_FILE = "curves.png"
+STEP_LOGGER = "dllm_rl.steps"
 # Metric -> Ray gauge. Ray metric names must match [a-zA-Z_:][a-zA-Z0-9_:]*.
 RAY_GAUGES = {
     "reward/mean": ("dllm_rl_reward_mean", "Mean rollout reward of the last training step"),
@@ -180,8 +184,12 @@ class Tracker:
                     self._file.write(b"\n")
         self._file.write(json.dumps(record).encode() + b"\n")
         self._file.flush()
+        line = self.format_line(step, record)
+        # To the log files whatever the loggers: rl/train.py keeps these records off the console, where
+        # tqdm.write prints the line above the progress bar instead.
+        logging.getLogger(STEP_LOGGER).info(line)
         if self.console:
-            tqdm.write(self.format_line(step, record), file=sys.stdout)
+            tqdm.write(line, file=sys.stdout)
             if self.bar is not None:
                 self.bar.update(step - self.bar.n)
         if self.wandb_run is not None:

@@ -1,6 +1,7 @@
 import ast
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -203,4 +204,35 @@ def test_module_works_without_ray(tmp_path, monkeypatch, capsys):
     tr.log(1, {"reward/mean": 1.0})
     tr.close()
     assert capsys.readouterr().out.startswith("step 1/1 | reward 1.0000")
+
+
+def test_train_log_holds_the_step_lines_and_the_console_shows_each_once(tmp_path):
+    """`python -m rl.train` under Hydra's own job logging, with a stand-in driver that logs two steps through
+    a Tracker: train.log in the run dir gets the step lines, the console gets each once (from tqdm.write)."""
+    run_dir = tmp_path / "run"
+    script = f"""
+import runpy, sys, types
+from rl.tracking import Tracker
+
+class FakeDriver:
+    def __init__(self, cfg, run_dir):
+        self.tracker = Tracker(run_dir, list(cfg.trainer.logger), total_steps=2)
+
+    def fit(self):
+        self.tracker.log(1, {{"reward/mean": 0.5}})
+        self.tracker.log(2, {{"reward/mean": 0.75}})
+
+    def close(self):
+        self.tracker.close()
+
+sys.modules["rl.driver"] = types.SimpleNamespace(Driver=FakeDriver)
+sys.argv = ["rl.train", "hydra.run.dir={run_dir}"]
+runpy.run_module("rl.train", run_name="__main__", alter_sys=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (run_dir / "train.log").read_text().splitlines()
+    steps = [line.split(" - ", 1)[1] for line in log if "[dllm_rl.steps][INFO]" in line]
+    assert steps == ["step 1/2 | reward 0.5000", "step 2/2 | reward 0.7500"]
+    assert [line for line in (out.stdout + out.stderr).splitlines() if "step " in line] == steps
 
