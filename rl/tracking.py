@@ -1,4 +1,5 @@
-"""Metrics output for a training run: metrics.jsonl, console line + progress bar, wandb, Ray gauges, curves.png.
+"""Metrics output for a training run: metrics.jsonl, console line + progress bar, wandb, Ray gauges, curves.png,
+and the quieting of library output that would drown the console line.
 
     tracker = Tracker(run_dir, ["console", "wandb"], "dllm-rl", "unigrpo", config, total_steps=40)
     tracker.truncate_after(resumed_step)      # on resume, before the first log
@@ -53,6 +54,61 @@ DIAGNOSTIC_PANELS = (
     ("groups with zero reward spread", "reward/frac_zero_std"),
 )
 PANEL_COLUMNS = 4
+
+
+# ---- a quiet console ---------------------------------------------------------------------------
+# Output that every process of a run (the driver and each Ray actor) repeats and that a user can do
+# nothing about. transformers' own warnings (missing or unexpected weights of a real checkpoint) are
+# kept: they are worth reading.
+def quiet_env(device: str = "cpu") -> dict[str, str]:
+    """Environment variables that silence the repeated library output; read at import, so they must be
+    in a process's environment before it imports transformers or DeepSpeed."""
+    # transformers' "Loading weights" and "Writing model shards" bars: one per model load and checkpoint.
+    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if device == "cpu":
+        # Without an override DeepSpeed probes for accelerators at import and warns in every process that it
+        # fell back to the CPU. On a CPU run the CPU accelerator is the right one even where GPUs exist.
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+# DeepSpeed's WarmupLR computes its first rate in its own constructor, before it has stepped, and then
+# warns about that call ("... before it has started") in every learner.
+_DEEPSPEED_NOISE = _DropMessages("Attempting to get learning rate from scheduler before it has started")
+
+
+def quiet_libraries(device: str | None = None) -> None:
+    """Quiet this process: quiet_env(device) as defaults (a variable already set wins, so
+    HF_HUB_DISABLE_PROGRESS_BARS=0 brings the bars back) and DeepSpeed's known-harmless warning dropped.
+    rl/train.py calls it in the driver before Ray starts, so local Ray workers inherit the environment;
+    actors on other nodes get the environment through runtime_env env_vars and this function as Ray's
+    worker_process_setup_hook (quiet_runtime_env)."""
+    if device is not None:
+        for key, value in quiet_env(device).items():
+            os.environ.setdefault(key, value)
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on"):
+        transformers = sys.modules.get("transformers")
+        if transformers is not None:
+            # Already imported: it read the variable at import, too early to see it.
+            transformers.utils.logging.disable_progress_bar()
+    deepspeed_logger = logging.getLogger("DeepSpeed")  # the logger DeepSpeed creates (or will) under that name
+    if _DEEPSPEED_NOISE not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(_DEEPSPEED_NOISE)
+
+
+def quiet_runtime_env(device: str = "cpu") -> dict:
+    """A job-level Ray runtime_env (ray.init(runtime_env=...)) that quiets every worker of the job: actors
+    inherit it and their own env_vars are merged into it."""
+    return {"env_vars": quiet_env(device), "worker_process_setup_hook": f"{__name__}.quiet_libraries"}
 
 
 def _number(key: str, value) -> float | int:

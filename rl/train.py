@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from rl.config import ConfigError
-from rl.tracking import STEP_LOGGER
+from rl.tracking import STEP_LOGGER, quiet_libraries
 
 
 def _step_lines_to_files_only() -> None:
@@ -33,6 +33,8 @@ def _step_lines_to_files_only() -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     _step_lines_to_files_only()
+    # Before the driver imports DeepSpeed and starts Ray: local Ray workers inherit this environment.
+    quiet_libraries(str(cfg.trainer.device))
     from rl.driver import Driver  # after Hydra has parsed the command line, so --help stays fast
 
     try:

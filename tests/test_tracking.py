@@ -1,6 +1,7 @@
 import ast
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -229,10 +230,63 @@ sys.modules["rl.driver"] = types.SimpleNamespace(Driver=FakeDriver)
 sys.argv = ["rl.train", "hydra.run.dir={run_dir}"]
 runpy.run_module("rl.train", run_name="__main__", alter_sys=True)
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     log = (run_dir / "train.log").read_text().splitlines()
     steps = [line.split(" - ", 1)[1] for line in log if "[dllm_rl.steps][INFO]" in line]
     assert steps == ["step 1/2 | reward 0.5000", "step 2/2 | reward 0.7500"]
     assert [line for line in (out.stdout + out.stderr).splitlines() if "step " in line] == steps
 
+
+def test_quiet_libraries_silences_the_repeated_warnings_and_bars():
+    """In a fresh process: no DeepSpeed accelerator warning at import, no transformers progress bars, and
+    DeepSpeed's scheduler warning dropped while its other warnings still show."""
+    script = """
+import logging, os
+from rl.tracking import quiet_libraries
+quiet_libraries("cpu")
+import deepspeed
+from deepspeed.utils import logger
+from transformers.utils import logging as tlog
+logger.warning("Attempting to get learning rate from scheduler before it has started")
+logger.warning("a warning that matters")
+print("bars", tlog.is_progress_bar_enabled(), os.environ["DS_ACCELERATOR"])
+"""
+    env = {k: v for k, v in os.environ.items() if k not in rl.tracking.quiet_env("cpu")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "Setting accelerator to CPU" not in text and "before it has started" not in text
+    assert "a warning that matters" in text
+    assert "bars False cpu" in text
+    # A user's own setting wins over the defaults.
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300,
+                         env={**env, "HF_HUB_DISABLE_PROGRESS_BARS": "0"})
+    assert "bars True cpu" in out.stdout, out.stderr[-3000:]
+
+
+def test_quiet_runtime_env_reaches_actors_with_their_own_env_vars(tmp_path):
+    """The job-level runtime_env of quiet_runtime_env quiets actors that pass their own env_vars too (as
+    the driver's actors do for the thread counts): Ray merges the env_vars and runs the setup hook."""
+    ray = pytest.importorskip("ray")
+
+    @ray.remote
+    class Probe:
+        def state(self):
+            import logging
+            import os
+
+            from transformers.utils import logging as tlog
+
+            return (os.environ.get("DS_ACCELERATOR"), os.environ.get("OMP_NUM_THREADS"),
+                    tlog.is_progress_bar_enabled(),
+                    rl.tracking._DEEPSPEED_NOISE in logging.getLogger("DeepSpeed").filters)
+
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env=rl.tracking.quiet_runtime_env("cpu"))
+    try:
+        probe = Probe.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}).remote()
+        assert ray.get(probe.state.remote(), timeout=120) == ("cpu", "1", False, True)
+    finally:
+        ray.shutdown()
