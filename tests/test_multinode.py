@@ -58,7 +58,7 @@ def _node_args(ports: list[int], temp_dir: Path) -> list[str]:
 
 
 def _run(cmd, **kw):
-    out = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
