@@ -86,9 +86,15 @@ class _DropMessages(logging.Filter):
 _DEEPSPEED_NOISE = _DropMessages("Attempting to get learning rate from scheduler before it has started")
 
 
+# DeepSpeed's ZeRO-3 calls torch.distributed functions torch has deprecated, and torch warns at every call
+# (Python's once-per-location filter sees a new location each time); only a DeepSpeed release can act on it.
+_TORCH_DEPRECATIONS = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+
+
 def quiet_libraries(device: str | None = None) -> None:
     """Quiet this process: quiet_env(device) as defaults (a variable already set wins, so
-    HF_HUB_DISABLE_PROGRESS_BARS=0 brings the bars back) and DeepSpeed's known-harmless warning dropped.
+    HF_HUB_DISABLE_PROGRESS_BARS=0 brings the bars back), DeepSpeed's known-harmless scheduler warning
+    and torch's deprecation warnings about DeepSpeed's ZeRO-3 collectives dropped.
     rl/train.py calls it in the driver before Ray starts, so local Ray workers inherit the environment;
     actors on other nodes get the environment through runtime_env env_vars and this function as Ray's
     worker_process_setup_hook (quiet_runtime_env)."""
@@ -100,6 +106,7 @@ def quiet_libraries(device: str | None = None) -> None:
         if transformers is not None:
             # Already imported: it read the variable at import, too early to see it.
             transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=_TORCH_DEPRECATIONS, category=FutureWarning)
     deepspeed_logger = logging.getLogger("DeepSpeed")  # the logger DeepSpeed creates (or will) under that name
     if _DEEPSPEED_NOISE not in deepspeed_logger.filters:
         deepspeed_logger.addFilter(_DEEPSPEED_NOISE)

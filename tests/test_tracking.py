@@ -240,9 +240,10 @@ runpy.run_module("rl.train", run_name="__main__", alter_sys=True)
 
 def test_quiet_libraries_silences_the_repeated_warnings_and_bars():
     """In a fresh process: no DeepSpeed accelerator warning at import, no transformers progress bars, and
-    DeepSpeed's scheduler warning dropped while its other warnings still show."""
+    DeepSpeed's scheduler warning and torch's warnings about ZeRO-3's deprecated collectives dropped, while
+    other warnings still show."""
     script = """
-import logging, os
+import logging, os, warnings
 from rl.tracking import quiet_libraries
 quiet_libraries("cpu")
 import deepspeed
@@ -250,6 +251,9 @@ from deepspeed.utils import logger
 from transformers.utils import logging as tlog
 logger.warning("Attempting to get learning rate from scheduler before it has started")
 logger.warning("a warning that matters")
+for fn in ("all_gather_into_tensor", "reduce_scatter_tensor"):  # as torch warns when ZeRO-3 calls them
+    warnings.warn(f"`torch.distributed.{fn}` is deprecated. Please use ... instead.", FutureWarning)
+warnings.warn("`torch.distributed.other` is deprecated", FutureWarning)
 print("bars", tlog.is_progress_bar_enabled(), os.environ["DS_ACCELERATOR"])
 """
     env = {k: v for k, v in os.environ.items() if k not in rl.tracking.quiet_env("cpu")}
@@ -259,6 +263,8 @@ print("bars", tlog.is_progress_bar_enabled(), os.environ["DS_ACCELERATOR"])
     text = out.stdout + out.stderr
     assert "Setting accelerator to CPU" not in text and "before it has started" not in text
     assert "a warning that matters" in text
+    assert "all_gather_into_tensor" not in text and "reduce_scatter_tensor" not in text
+    assert "`torch.distributed.other` is deprecated" in text
     assert "bars False cpu" in text
     # A user's own setting wins over the defaults.
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300,
