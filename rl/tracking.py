@@ -86,8 +86,8 @@ class _DropMessages(logging.Filter):
 _DEEPSPEED_NOISE = _DropMessages("Attempting to get learning rate from scheduler before it has started")
 
 
-# DeepSpeed's ZeRO-3 calls torch.distributed functions torch has deprecated, and torch warns at every call
-# (Python's once-per-location filter sees a new location each time); only a DeepSpeed release can act on it.
+# DeepSpeed's ZeRO-3 calls torch.distributed collectives that torch has deprecated, and torch warns about
+# them in every learner (a two-node ZeRO-3 run printed ten such lines); only a DeepSpeed release can act on it.
 _TORCH_DEPRECATIONS = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
 
 
