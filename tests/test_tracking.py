@@ -1,6 +1,8 @@
 import ast
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -102,19 +104,60 @@ def test_plot_writes_png_at_validation_steps_and_close(tmp_path):
 
 
 def test_plot_panels_follow_the_logged_validation_metrics(tmp_path):
-    from PIL import Image
-
-    def width(val):
-        run = tmp_path / str(len(list(tmp_path.iterdir())))
-        tr = Tracker(run, [], experiment_name="exp")
-        tr.log(1, {**step_metrics(1), **val})
+    def titles(val):
+        tr = Tracker(tmp_path / str(len(list(tmp_path.iterdir()))), [], experiment_name="exp")
+        tr.log(1, {"reward/mean": 0.5, **val})
         tr.close()
-        return Image.open(run / CURVES_FILE).size[0]
+        return [title for title, _ in tr.panels(read_metrics(tr.metrics_path))]
 
-    panel = width({"val/accuracy": 0.5}) // 2  # reward | accuracy
     scores = {"val/t2i/clip_score": 40.0, "val/t2i/clip_score_reference": 90.0}
-    assert width(scores) == 2 * panel  # reward | scores: no empty accuracy panel for text-to-image
-    assert width({"val/accuracy": 0.5, **scores}) == 3 * panel
+    assert titles({"val/accuracy": 0.5}) == ["reward", "validation accuracy"]
+    assert titles(scores) == ["reward", "validation scores"]  # text-to-image: no empty accuracy panel
+    assert titles({"val/accuracy": 0.5, **scores}) == ["reward", "validation accuracy", "validation scores"]
+
+
+def test_plot_has_diagnostic_panels_and_draws_identical_series_once(tmp_path):
+    tr = Tracker(tmp_path, [], experiment_name="unigrpo", config={"algorithm": {"name": "unigrpo"}})
+    for step in (1, 2, 3):
+        val = {"val/accuracy": 0.1 * step, "val/arithmetic/accuracy": 0.1 * step,  # one task: the same values
+               "val/countdown/accuracy": 0.05 * step} if step != 2 else {}
+        tr.log(step, {**step_metrics(step), "response_length/mean": 20.0 + step, "reward/frac_zero_std": 0.25,
+                      **val})
+    panels = dict(tr.panels(read_metrics(tr.metrics_path)))
+    assert list(panels) == ["reward", "validation accuracy", *(title for title, _ in rl.tracking.DIAGNOSTIC_PANELS)]
+    labels = [label for label, _ in panels["validation accuracy"]]
+    assert labels == ["val/accuracy = val/arithmetic/accuracy", "val/countdown/accuracy"]
+    assert panels["validation accuracy"][0][1] == [(1, 0.1), (3, pytest.approx(0.3))]
+    for (title, key), (label, points) in zip(rl.tracking.DIAGNOSTIC_PANELS,
+                                             (panels[t][0] for t, _ in rl.tracking.DIAGNOSTIC_PANELS)):
+        assert label == key and [s for s, _ in points] == [1, 2, 3]
+    fig = tr.figure()
+    drawn = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in drawn] == list(panels)
+    assert len(drawn[1].lines) == 2  # the identical accuracy series is one line
+    assert fig.get_suptitle() == "algorithm unigrpo"
+    tr.close()
+    assert (tmp_path / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diagnostic_panels_only_for_logged_metrics(tmp_path):
+    tr = Tracker(tmp_path, [])
+    tr.log(1, {"reward/mean": 0.5, "actor/pg_loss": 0.1})  # e.g. an older run without the newer metrics
+    titles = [title for title, _ in tr.panels(read_metrics(tr.metrics_path))]
+    assert titles == ["reward", "validation accuracy", "policy loss (actor/pg_loss)"]
+    tr.close()
+
+
+def test_title_names_experiment_recipe_and_algorithm(monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    assert rl.tracking._title("exp", None) == "exp"
+    assert rl.tracking._title("spg", {"algorithm": {"name": "spg"}}) == "algorithm spg"
+    hydra_cfg = OmegaConf.create({"hydra": {"runtime": {"choices": {"recipe": "t2i_tiny"}}}})
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", hydra_cfg)
+    assert HydraConfig.initialized()
+    assert rl.tracking._title("mine", {"algorithm": {"name": "unigrpo"}}) == "mine (recipe t2i_tiny, algorithm unigrpo)"
 
 
 def test_wandb_offline_run_and_resume_reuse_the_id(wandb_env):
@@ -162,3 +205,94 @@ def test_module_works_without_ray(tmp_path, monkeypatch, capsys):
     tr.log(1, {"reward/mean": 1.0})
     tr.close()
     assert capsys.readouterr().out.startswith("step 1/1 | reward 1.0000")
+
+
+def test_train_log_holds_the_step_lines_and_the_console_shows_each_once(tmp_path):
+    """`python -m rl.train` under Hydra's own job logging, with a stand-in driver that logs two steps through
+    a Tracker: train.log in the run dir gets the step lines, the console gets each once (from tqdm.write)."""
+    run_dir = tmp_path / "run"
+    script = f"""
+import runpy, sys, types
+from rl.tracking import Tracker
+
+class FakeDriver:
+    def __init__(self, cfg, run_dir):
+        self.tracker = Tracker(run_dir, list(cfg.trainer.logger), total_steps=2)
+
+    def fit(self):
+        self.tracker.log(1, {{"reward/mean": 0.5}})
+        self.tracker.log(2, {{"reward/mean": 0.75}})
+
+    def close(self):
+        self.tracker.close()
+
+sys.modules["rl.driver"] = types.SimpleNamespace(Driver=FakeDriver)
+sys.argv = ["rl.train", "hydra.run.dir={run_dir}"]
+runpy.run_module("rl.train", run_name="__main__", alter_sys=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (run_dir / "train.log").read_text().splitlines()
+    steps = [line.split(" - ", 1)[1] for line in log if "[dllm_rl.steps][INFO]" in line]
+    assert steps == ["step 1/2 | reward 0.5000", "step 2/2 | reward 0.7500"]
+    assert [line for line in (out.stdout + out.stderr).splitlines() if "step " in line] == steps
+
+
+def test_quiet_libraries_silences_the_repeated_warnings_and_bars():
+    """In a fresh process: no DeepSpeed accelerator warning at import, no transformers progress bars, and
+    DeepSpeed's scheduler warning and torch's warnings about ZeRO-3's deprecated collectives dropped, while
+    other warnings still show."""
+    script = """
+import logging, os, warnings
+from rl.tracking import quiet_libraries
+quiet_libraries("cpu")
+import deepspeed
+from deepspeed.utils import logger
+from transformers.utils import logging as tlog
+logger.warning("Attempting to get learning rate from scheduler before it has started")
+logger.warning("a warning that matters")
+for fn in ("all_gather_into_tensor", "reduce_scatter_tensor"):  # as torch warns when ZeRO-3 calls them
+    warnings.warn(f"`torch.distributed.{fn}` is deprecated. Please use ... instead.", FutureWarning)
+warnings.warn("`torch.distributed.other` is deprecated", FutureWarning)
+print("bars", tlog.is_progress_bar_enabled(), os.environ["DS_ACCELERATOR"])
+"""
+    env = {k: v for k, v in os.environ.items() if k not in rl.tracking.quiet_env("cpu")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "Setting accelerator to CPU" not in text and "before it has started" not in text
+    assert "a warning that matters" in text
+    assert "all_gather_into_tensor" not in text and "reduce_scatter_tensor" not in text
+    assert "`torch.distributed.other` is deprecated" in text
+    assert "bars False cpu" in text
+    # A user's own setting wins over the defaults.
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300,
+                         env={**env, "HF_HUB_DISABLE_PROGRESS_BARS": "0"})
+    assert "bars True cpu" in out.stdout, out.stderr[-3000:]
+
+
+def test_quiet_runtime_env_reaches_actors_with_their_own_env_vars(tmp_path):
+    """The job-level runtime_env of quiet_runtime_env quiets actors that pass their own env_vars too (as
+    the driver's actors do for the thread counts): Ray merges the env_vars and runs the setup hook."""
+    ray = pytest.importorskip("ray")
+
+    @ray.remote
+    class Probe:
+        def state(self):
+            import logging
+            import os
+
+            from transformers.utils import logging as tlog
+
+            return (os.environ.get("DS_ACCELERATOR"), os.environ.get("OMP_NUM_THREADS"),
+                    tlog.is_progress_bar_enabled(),
+                    rl.tracking._DEEPSPEED_NOISE in logging.getLogger("DeepSpeed").filters)
+
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env=rl.tracking.quiet_runtime_env("cpu"))
+    try:
+        probe = Probe.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}).remote()
+        assert ray.get(probe.state.remote(), timeout=120) == ("cpu", "1", False, True)
+    finally:
+        ray.shutdown()
