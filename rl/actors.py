@@ -2,7 +2,6 @@
 name the actor that died, restarts and shutdown. The loop that uses them is rl/driver.py."""
 from __future__ import annotations
 
-import inspect
 import logging
 import socket
 import time
@@ -17,6 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rewards.worker import RewardWorker
 from rl.config import image_tokenizer_path
+from rl.tracking import quiet_runtime_env
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger("dllm_rl")
@@ -47,15 +47,16 @@ def _report_running(actor: str, key: str | None) -> None:
         internal_kv._internal_kv_put(_running_key(actor), key, overwrite=True)
 
 
-def start_ray(rc: DictConfig) -> None:
+def start_ray(rc: DictConfig, device: str) -> None:
     if ray.is_initialized():
         return
+    quiet = quiet_runtime_env(device)  # every actor of the job, on every node, without progress bars
     if rc.address is not None:
         extra = {"_node_ip_address": rc.node_ip_address} if rc.node_ip_address else {}
-        ray.init(address=rc.address, log_to_driver=True, **extra)
+        ray.init(address=rc.address, log_to_driver=True, runtime_env=quiet, **extra)
     else:
         ray.init(_node_ip_address="127.0.0.1", num_cpus=rc.num_cpus, include_dashboard=rc.dashboard,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+                 dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=quiet)
 
 
 class Actors:
@@ -64,7 +65,7 @@ class Actors:
     def __init__(self, cfg: DictConfig, model_path: str, accuracy_keys: list[str]):
         self.cfg, self.model_path, self.accuracy_keys = cfg, model_path, accuracy_keys
         self.weights = None  # ObjectRef of the newest policy weights, for (re)started rollout workers
-        start_ray(cfg.ray)
+        start_ray(cfg.ray, cfg.trainer.device)
         n, m, k = cfg.rollout.num_workers, cfg.reward.num_workers, cfg.trainer.num_learners
         gpu = 1 if cfg.trainer.device == "cuda" else 0
         bundles = [{"CPU": 1, "GPU": gpu}] * n + [{"CPU": 1}] * m + [{"CPU": 1, "GPU": gpu}] * k
@@ -124,11 +125,11 @@ class Actors:
     def _make_reward(self, i: int):
         functions = OmegaConf.to_container(self.cfg.reward.functions, resolve=True)
         name = f"reward-{i}"
-        # RewardWorker reports the function it runs through on_call (rewards/worker.py), where it takes one.
-        report = {"on_call": partial(_report_running, name)} if "on_call" in _REWARD_ARGS else {}
+        # RewardWorker reports the function it runs through on_call, so a hang or a crash can be named.
         return ray.remote(RewardWorker).options(
             name=name, num_cpus=1, scheduling_strategy=self._bundle(self.cfg.rollout.num_workers + i),
-            runtime_env=self._env()).remote(functions, self.accuracy_keys, image_tokenizer_path(self.cfg), **report)
+            runtime_env=self._env()).remote(functions, self.accuracy_keys, image_tokenizer_path(self.cfg),
+                                            on_call=partial(_report_running, name))
 
     # ---- calls and faults --------------------------------------------------------------------
     def call(self, kind: str, submit: Callable, timeout: float | None = None, on_timeout: str = "fail") -> dict:
@@ -148,7 +149,7 @@ class Actors:
             except ray.exceptions.GetTimeoutError:
                 running = self._running(name)
                 self.restart(name)
-                msg = f"{name} gave no answer within reward.timeout_s={timeout}{running}; restarted it"
+                msg = f"{name} gave no answer within reward.timeout_s={timeout:g}{running}; restarted it"
                 if on_timeout == "fail":
                     raise RuntimeError(f"{msg}; stopping (reward.on_timeout=fail)") from None
                 log.error("%s; its samples score 0 (reward.on_timeout=%s)", msg, on_timeout)
@@ -201,9 +202,6 @@ class Actors:
             names = [n for n in names if _actor_alive(n)]
             if names:
                 time.sleep(0.1)
-
-
-_REWARD_ARGS = inspect.signature(RewardWorker.__init__).parameters
 
 
 def _deadline(timeout: float | None) -> float | None:

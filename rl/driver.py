@@ -51,9 +51,10 @@ class Driver:
         self._reference: dict | None = None  # scores of the ground-truth images of the held-out t2i rows
         self.step = 0
         self._skip_streak = 0  # training steps in a row whose optimizer steps were all skipped
-        self.actors = Actors(cfg, self.model_path, self.accuracy_keys)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.trainer.keep_last)
+        # Before any actor starts: a damaged checkpoint named by trainer.resume is one message, not a crash later.
         resume_from = resolve_resume(cfg.trainer.resume, self.run_dir)
+        self.actors = Actors(cfg, self.model_path, self.accuracy_keys)
         state = self._load(resume_from) if resume_from else {}
         self.tracker = Tracker(self.run_dir, list(cfg.trainer.logger), cfg.trainer.project,
                                cfg.trainer.experiment_name or cfg.algorithm.name, OmegaConf.to_container(cfg, resolve=True),
@@ -85,7 +86,8 @@ class Driver:
             scores, timeouts = self.score(batch)
         with timer(timing, "adv"):
             batch.rewards = torch.tensor(scores.total, dtype=torch.float32)
-            batch.advantages = group_advantages(batch.rewards, self.G, self.cfg.algorithm.scale_adv_by_std)
+            a = self.cfg.algorithm
+            batch.advantages = group_advantages(batch.rewards, self.G, a.scale_adv_by_std, baseline=a.adv_baseline)
         with timer(timing, "update_actor"):
             actor = self.update(batch)
         with timer(timing, "update_weights"):
@@ -93,7 +95,7 @@ class Driver:
         timing["step"] = time.perf_counter() - t0
         metrics = {**{f"timing_s/{k}": v for k, v in timing.items()},
                    **batch_metrics(batch, scores, self.cfg.rollout.gen_length, timing["step"]),
-                   "reward/timeouts": timeouts, **{f"actor/{k}": v for k, v in actor.items()}}
+                   "reward/timeouts": timeouts, **self.reward_counters(), **{f"actor/{k}": v for k, v in actor.items()}}
         self._warn_no_learning(metrics)
         return metrics
 
@@ -104,7 +106,7 @@ class Driver:
                         "gradient (too easy or too hard prompts, or a reward that does not vary)", self.step)
         skipped_all = metrics["actor/skipped_steps"] >= self.cfg.algorithm.mu
         self._skip_streak = self._skip_streak + 1 if skipped_all else 0
-        n = self.cfg.trainer.get("skip_warn_steps", 3)
+        n = self.cfg.trainer.skip_warn_steps
         if self._skip_streak == n:  # once per streak
             log.warning("steps %d-%d: %d training steps in a row skipped every optimizer step (non-finite gradient "
                         "norm), so the policy is not training; check the reward scale (reward/mean, reward/std) "
@@ -172,7 +174,7 @@ class Driver:
                                        images[lo:hi]) if hi > lo else None
 
         rc = self.cfg.reward
-        parts = self.actors.call("reward", submit, timeout=rc.get("timeout_s", 300), on_timeout=rc.get("on_timeout", "fail"))
+        parts = self.actors.call("reward", submit, timeout=rc.timeout_s, on_timeout=rc.on_timeout)
         keys = sorted({k for p in parts.values() if p is not None for k in p.components})
         timeouts = 0
         for i in [i for i, p in parts.items() if p is None]:
@@ -180,6 +182,15 @@ class Driver:
             parts[i] = Scores([0.0] * n, [0.0] * n, {k: [math.nan] * n for k in keys})
             timeouts += n
         return Scores.concat([parts[i] for i in sorted(parts)]), timeouts
+
+    def reward_counters(self) -> dict:
+        """Events the rewards count (math-verify timeouts, crashes, batches cut off, ...), summed over the
+        reward workers since they started, as reward/<component>/<event>_total."""
+        totals: dict[str, int] = {}
+        for counts in self.actors.call("reward", lambda _, w: w.counters.remote()).values():
+            for key, value in counts.items():
+                totals[f"reward/{key}_total"] = totals.get(f"reward/{key}_total", 0) + value
+        return totals
 
     def update(self, batch: RolloutBatch) -> dict:
         """mu inner updates on every learner rank. Never retried: an update that ran must not run twice."""

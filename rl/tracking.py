@@ -15,6 +15,7 @@ in <run_dir>/wandb_run_id.txt so a resumed run continues the same curve.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -25,6 +26,8 @@ import warnings
 from pathlib import Path
 
 from tqdm import tqdm
+
+from rl.errors import write_atomic
 
 LOGGERS = ("console", "wandb")
 METRICS_FILE = "metrics.jsonl"
@@ -144,15 +147,6 @@ def _is_val_accuracy(key: str) -> bool:
     return key == "val/accuracy" or (key.startswith("val/") and key.endswith("/accuracy"))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics.jsonl; a torn line (a crash mid-write) is skipped with a warning."""
     records = []
@@ -202,7 +196,7 @@ class Tracker:
         id_file = self.run_dir / RUN_ID_FILE
         run_id = resume_id or (id_file.read_text().strip() if id_file.is_file() else "") or secrets.token_hex(4)
         # Written before init: a crash during the run still leaves the id to resume with.
-        _write_atomic(id_file, run_id.encode())
+        write_atomic(id_file, run_id.encode())
         self.wandb_id = run_id
         self.wandb_run = wandb.init(project=project, name=self.experiment_name, config=config,
                                     mode=os.environ.get("WANDB_MODE") or wandb_mode, id=run_id,
@@ -232,7 +226,7 @@ class Tracker:
                 f.writelines(dropped)
                 f.flush()
                 os.fsync(f.fileno())
-            _write_atomic(self.metrics_path, "".join(kept).encode())
+            write_atomic(self.metrics_path, "".join(kept).encode())
 
     def log(self, step: int, metrics: dict) -> None:
         if "step" in metrics:
@@ -342,9 +336,9 @@ class Tracker:
     def plot(self) -> Path:
         """Write curves.png (see figure())."""
         out = self.run_dir / CURVES_FILE
-        tmp = out.with_name(out.name + ".tmp")
-        self.figure().savefig(tmp, format="png")
-        os.replace(tmp, out)
+        buf = io.BytesIO()
+        self.figure().savefig(buf, format="png")
+        write_atomic(out, buf.getvalue())
         return out
 
     def close(self, exit_code: int = 0) -> None:
@@ -394,6 +388,6 @@ def save_image_grid(path: str | os.PathLike, images, captions: list[str], truth=
         draw.multiline_text((x, y + h * scale + 2), "\n".join(lines[:3]), fill="black", spacing=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())

@@ -1,7 +1,6 @@
 """Injected faults with real Ray actors whose processes are killed: a worker that dies in any phase
 costs a retry of that phase only (never a second optimizer step), a reward call that hangs meets
 its deadline, and a dead or hung reward worker is reported with the reward function it ran."""
-import inspect
 import logging
 import os
 import signal
@@ -9,7 +8,6 @@ import signal
 import pytest
 import ray
 import torch
-from omegaconf import open_dict
 
 from rewards.worker import RewardWorker
 from rl.driver import Driver
@@ -18,8 +16,6 @@ from tests.conftest import compose_cfg
 
 FAST = ["trainer.val_before_train=false", "trainer.val_every=0", "trainer.save_every=0",
         "algorithm.mu=1"]
-# The reward worker reports the function it runs (RewardWorker's on_call, from the reward branch).
-NAMES_PLUGIN = "on_call" in inspect.signature(RewardWorker.__init__).parameters
 
 
 def kill(actor) -> None:
@@ -92,11 +88,10 @@ def test_a_hung_reward_meets_its_deadline_and_a_dead_one_is_named(local_ray, tmp
     plugin.write_text(PLUGIN)
     # The plugin first, so that the deadline finds it running rather than math's first (slower) call.
     functions = f"reward.functions=[{{name: '{plugin}:slow', key: slow}}, {{name: math, weight: 2.0}}]"
-    driver = Driver(compose_cfg(*FAST, functions, "trainer.max_retries=1"), tmp_path / "run")
-    named = " while running reward 'slow'" if NAMES_PLUGIN else ""
+    driver = Driver(compose_cfg(*FAST, functions, "trainer.max_retries=1", "reward.timeout_s=3",
+                                "reward.on_timeout=zero"), tmp_path / "run")
+    named = " while running reward 'slow'"
     try:
-        with open_dict(driver.cfg):  # not in the config schema yet
-            driver.cfg.reward.timeout_s, driver.cfg.reward.on_timeout = 3, "zero"
         (tmp_path / "hang").touch()
         with caplog.at_level(logging.ERROR, logger="dllm_rl"):
             one_more_step(driver)
@@ -120,7 +115,6 @@ def test_a_hung_reward_meets_its_deadline_and_a_dead_one_is_named(local_ray, tmp
         driver.close()
 
 
-@pytest.mark.skipif(not NAMES_PLUGIN, reason="needs RewardWorker(on_call=...) from the reward branch")
 def test_the_reward_worker_reports_the_function_it_runs():
     """The interface the two tests above rely on to name a plugin."""
     calls = []
