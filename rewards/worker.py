@@ -36,13 +36,15 @@ class Scores:
 
     total: the weighted sum; accuracy: 1.0/0.0 from the accuracy reward (NaN where none applies);
     components: each reward's unweighted score by component key (NaN = not applicable);
-    extras: the extra keys of verl-style dict results as "<component>/<key>" (None where missing).
+    extras: the extra keys of verl-style dict results as "<component>/<key>" (None where missing);
+    events: what the rewards counted while scoring this batch (RewardWorker.counters), summed over workers.
     """
 
     total: list[float]
     accuracy: list[float]
     components: dict[str, list[float]]
     extras: dict[str, list[Any]] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.total)
@@ -57,6 +59,7 @@ class Scores:
             accuracy=[x for p in parts for x in p.accuracy],
             components={k: [x for p in parts for x in p.components[k]] for k in keys},
             extras={k: [x for p in parts for x in p.extras.get(k, [None] * len(p))] for k in extra_keys},
+            events={k: sum(p.events.get(k, 0) for p in parts) for k in sorted({k for p in parts for k in p.events})},
         )
 
 
@@ -95,8 +98,11 @@ class RewardWorker:
         columns = columns_of(rows)
         if images is not None and any(codes is not None for codes in images):
             columns["images"] = self.decode(images)
+        before = self.counters()
         out = self.reward(prompts, completions, **columns)
-        return Scores(out["total"], accuracy_of(out["components"], self.accuracy), out["components"], out["extras"])
+        events = {k: v - before.get(k, 0) for k, v in self.counters().items()}
+        return Scores(out["total"], accuracy_of(out["components"], self.accuracy), out["components"], out["extras"],
+                      events)
 
     def counters(self) -> dict[str, int]:
         """Running totals of the rewards that count events, as "<component>/<name>": MathReward's

@@ -95,7 +95,7 @@ class Driver:
         timing["step"] = time.perf_counter() - t0
         metrics = {**{f"timing_s/{k}": v for k, v in timing.items()},
                    **batch_metrics(batch, scores, self.cfg.rollout.gen_length, timing["step"]),
-                   "reward/timeouts": timeouts, **self.reward_counters(), **{f"actor/{k}": v for k, v in actor.items()}}
+                   "reward/timeouts": timeouts, **{f"actor/{k}": v for k, v in actor.items()}}
         self._warn_no_learning(metrics)
         return metrics
 
@@ -182,15 +182,6 @@ class Driver:
             parts[i] = Scores([0.0] * n, [0.0] * n, {k: [math.nan] * n for k in keys})
             timeouts += n
         return Scores.concat([parts[i] for i in sorted(parts)]), timeouts
-
-    def reward_counters(self) -> dict:
-        """Events the rewards count (math-verify timeouts, crashes, batches cut off, ...), summed over the
-        reward workers since they started, as reward/<component>/<event>_total."""
-        totals: dict[str, int] = {}
-        for counts in self.actors.call("reward", lambda _, w: w.counters.remote()).values():
-            for key, value in counts.items():
-                totals[f"reward/{key}_total"] = totals.get(f"reward/{key}_total", 0) + value
-        return totals
 
     def update(self, batch: RolloutBatch) -> dict:
         """mu inner updates on every learner rank. Never retried: an update that ran must not run twice."""

@@ -47,6 +47,7 @@ def batch_metrics(batch: RolloutBatch, scores: Scores, gen_length: int, step_sec
         if vals:
             out[f"reward/{key}/mean"] = sum(vals) / len(vals)
     out.update(extras_metrics(scores.extras))
+    out.update({f"reward/{k}": v for k, v in scores.events.items()})  # math-verify timeouts, crashes, ...
     out["reward/frac_zero_std"] = frac_zero_std(batch.rewards, batch.group_size)
     return out
 

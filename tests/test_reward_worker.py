@@ -3,7 +3,7 @@ import math
 import pytest
 
 from rewards.combine import WeightedReward
-from rewards.worker import RewardWorker, accuracy_of, columns_of
+from rewards.worker import RewardWorker, Scores, accuracy_of, columns_of
 from rl.data.tasks import make_rows
 
 
@@ -54,3 +54,16 @@ def test_worker_counters_name_the_component():
     assert counts["math/calls"] == 2 and counts["math/no_answer"] == 2
     assert counts["math/timeouts"] == 0 and counts["math/over_budget"] == 0
     assert not any(k.startswith("format/") for k in counts)  # a reward without counters adds none
+
+
+def test_scores_carry_what_the_rewards_counted_for_that_batch_only():
+    rows = make_rows("arithmetic", 2, 0)
+    worker = RewardWorker([{"name": "math"}], accuracy=["math"])
+    try:
+        first = worker.score([r["prompt"] for r in rows], ["no answer here", rows[1]["solution"]], rows)
+        second = worker.score([r["prompt"] for r in rows[:1]], [rows[0]["solution"]], rows[:1])
+    finally:
+        worker.close()
+    assert first.events["math/no_answer"] == 1 and second.events["math/no_answer"] == 0  # per batch, not running totals
+    joined = Scores.concat([first, second])
+    assert joined.events["math/no_answer"] == 1 and joined.events["math/calls"] == first.events["math/calls"] + 1

@@ -34,7 +34,7 @@ def test_two_steps_write_metrics_checkpoints_and_curve(local_ray, tmp_path):
                 "perf/throughput", "response_length/mean", "reward/mean", "reward/math/mean", "reward/format/mean",
                 "actor/pg_loss", "actor/pg_clipfrac", "actor/kl_loss", "actor/grad_norm",
                 "val/accuracy", "val/arithmetic/accuracy", "rollout/tokens_per_step", "reward/frac_zero_std",
-                "reward/timeouts", "val/reward/timeouts"):
+                "reward/timeouts", "val/reward/timeouts", "reward/math/timeouts"):
         assert key in step, key
     assert step["rollout/tokens_per_step"] > 1  # the default fast sampler commits several tokens per step
     assert "val/accuracy" in metrics[0]
