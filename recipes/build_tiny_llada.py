@@ -34,7 +34,7 @@ from rl.data.tasks import make_rows
 from rl.evaluate import pass_at_k
 from rl.models import TINY_CHECKPOINT, load_checkpoint
 from rl.models.llada import LLaDAConfig, LLaDAModelLM
-from rl.models.tokenizer import BOS, EOT, END_HEADER, START_HEADER, train_tokenizer
+from rl.models.tokenizer import BOS, END_HEADER, EOT, START_HEADER, train_tokenizer
 from rl.sft import sft_loss
 from rollout.sampler import SamplerConfig
 

@@ -8,7 +8,14 @@ from rewards.countdown import CountdownReward, countdown_score, evaluate_equatio
 from rewards.format import FormatReward, format_score
 from rewards.math_reward import MathReward, extract_answer, normalize_answer, sanitize_answer, verify_answer
 from rewards.registry import (
-    Reward, RewardResult, RewardValueError, available_rewards, build_reward, check_reward, component_key, load_reward,
+    Reward,
+    RewardResult,
+    RewardValueError,
+    available_rewards,
+    build_reward,
+    check_reward,
+    component_key,
+    load_reward,
     register_reward,
 )
 from rewards.sandbox import JobResult, SubprocessPool

@@ -25,8 +25,16 @@ from dataclasses import dataclass
 import torch
 
 from rl.errors import fail
-from rollout.sampler import (SampleOutput, SamplerConfig, commit_top_k, exclude_non_text, guided, sample_tokens,
-                             score_tokens, transfer_schedule)
+from rollout.sampler import (
+    SampleOutput,
+    SamplerConfig,
+    commit_top_k,
+    exclude_non_text,
+    guided,
+    sample_tokens,
+    score_tokens,
+    transfer_schedule,
+)
 
 CACHES = ("none", "prefix", "dual")
 

@@ -13,8 +13,14 @@ import time
 import pytest
 
 from rewards import (
-    CountdownReward, FormatReward, MathReward, SubprocessPool, WeightedReward,
-    extract_answer, normalize_answer, sanitize_answer,
+    CountdownReward,
+    FormatReward,
+    MathReward,
+    SubprocessPool,
+    WeightedReward,
+    extract_answer,
+    normalize_answer,
+    sanitize_answer,
 )
 from rewards.math_reward import _parse_gold, verify_answer, warm_up
 

@@ -10,8 +10,16 @@ import textwrap
 import pytest
 
 from rewards import (
-    PRESETS, Reward, RewardSpec, WeightedReward, available_rewards, build_reward, check_reward_config, load_reward,
-    preset, register_reward,
+    PRESETS,
+    Reward,
+    RewardSpec,
+    WeightedReward,
+    available_rewards,
+    build_reward,
+    check_reward_config,
+    load_reward,
+    preset,
+    register_reward,
 )
 
 PLUGIN = textwrap.dedent(

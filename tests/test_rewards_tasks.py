@@ -9,7 +9,6 @@ import pytest
 from rewards import CountdownReward, FormatReward, countdown_score, evaluate_equation, format_score
 from rewards.format import PARTIAL_CREDIT_PER_TAG
 
-
 # ---- format -------------------------------------------------------------------------------------------
 
 
