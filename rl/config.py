@@ -37,6 +37,16 @@ ASSETS = Path(__file__).resolve().parents[1] / "recipes" / "assets"
 # ${asset:NAME} in a config is the shipped directory recipes/assets/NAME, wherever the repo is.
 OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS / name), replace=True)
 
+
+def _required(key: str):
+    """${required:KEY} in an option file makes KEY mandatory there (e.g. model=mmada_8b needs model.path).
+    Not ???: OmegaConf's merge never lets ??? replace a schema default, and these keys need one (null),
+    so that a user's own option file may leave them out."""
+    raise ConfigError(f"config {key}: a value is required (e.g. {key}=/path/to/local/dir)")
+
+
+OmegaConf.register_new_resolver("required", _required, replace=True)
+
 __all__ = ["ConfigError", "Config", "OptimConfig", "build", "validate", "model_path", "image_tokenizer_path"]
 
 
@@ -69,12 +79,12 @@ def _one_of(key: str, value, choices) -> None:
 class ModelConfig:
     # null = the tiny checkpoint shipped in recipes/assets/tiny-llada; otherwise a local directory
     # (config.json + *.safetensors + tokenizer), e.g. a LLaDA-8B-Instruct download.
-    path: Optional[str] = MISSING
+    path: Optional[str] = None
     dtype: str = "float32"
     lora: Optional[Dict[str, Any]] = None  # e.g. {r: 16, alpha: 32}; the reference is then the adapter-disabled base
     # Models with image codes (LLaDAConfig.codebook_size > 0): the image tokenizer's directory
     # (rl/models/vq.py; config.json + model.safetensors). null = the shipped tiny VQ.
-    image_tokenizer: Optional[str] = MISSING
+    image_tokenizer: Optional[str] = None
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
@@ -97,7 +107,7 @@ class RewardConfig:
     # The reward(s) that decide validation accuracy (a score of at least 0.5 counts as correct).
     accuracy: Any = MISSING
     num_workers: int = 1
-    clip_path: Optional[str] = MISSING  # a local CLIP for the clip reward; null = the shipped tiny CLIP (or none used)
+    clip_path: Optional[str] = None  # a local CLIP for the clip reward; null = the shipped tiny CLIP (or none used)
     timeout_s: float = 300.0  # deadline of one reward call; the worker is killed and restarted after it
     on_timeout: str = "fail"  # fail: stop the run naming the reward; zero: score the batch 0 and count it
 
@@ -283,6 +293,9 @@ def validate(cfg: DictConfig) -> Config:
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (MissingMandatoryValue, InterpolationResolutionError) as e:
+        first = str(e).split("\n", 1)[0]
+        if "a value is required" in first:  # from _required, which names its own key
+            raise ConfigError(first.split("interpolation: ", 1)[-1]) from None
         missing = missing or [getattr(e, "full_key", None) or str(e)]
     if missing:
         key = missing[0]

@@ -1,6 +1,7 @@
 """The README's promises that code can check: its verl/TRL table names keys the config has, and its
 reward plugin examples run as written, the TRL one deciding accuracy."""
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,18 @@ def test_multirun_directory_is_the_one_hydra_uses():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         sweep = OmegaConf.to_container(compose(config_name="config", return_hydra_config=True).hydra.sweep)
     assert sweep == {"dir": "multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}", "subdir": "${hydra.job.num}"}
+
+
+def test_the_reward_option_file_example_composes_as_written(tmp_path):
+    """conf/reward/mine.yaml as the README writes it (no clip_path: that key defaults to null) is a
+    reward option Hydra finds on its search path, and it passes the config check."""
+    from rl.config import validate
+
+    for name in ("my_rewards.py", "my_verl_reward.py"):
+        (tmp_path / name).write_text(code_block(f"# {name}"))
+    conf = shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (conf / "reward" / "mine.yaml").write_text(code_block("# conf/reward/mine.yaml").replace("/path/to/", f"{tmp_path}/"))
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["reward=mine"])
+    assert cfg.reward.accuracy == "exact_answer" and cfg.reward.clip_path is None
+    validate(cfg)
