@@ -30,7 +30,8 @@ def summarize(run_dir: Path) -> dict:
         # The curve is noisy (one sample per held-out prompt), so the peak is reported beside the end.
         "best_gain": round(max(c["val_accuracy"] for c in curve) - curve[0]["val_accuracy"], 4) if curve else None,
         "median_step_seconds": sorted(m["timing_s/step"] for m in steps)[len(steps) // 2] if steps else None,
-        "median_gen_share": sorted(m["timing_s/gen"] / m["timing_s/step"] for m in steps)[len(steps) // 2] if steps else None,
+        "median_gen_share": (sorted(m["timing_s/gen"] / m["timing_s/step"] for m in steps)[len(steps) // 2]
+                             if steps else None),
     }
 
 

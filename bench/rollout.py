@@ -84,7 +84,8 @@ def answer_lengths(answer_ids, end_ids) -> dict:
     n = answer_mask(answer_ids, end_ids).sum(-1)
     ended = torch.isin(answer_ids, torch.tensor(end_ids)).any(-1)
     q = np.percentile(n.numpy(), [0, 25, 50, 75, 100]).tolist()
-    return {"min": q[0], "p25": q[1], "median": q[2], "p75": q[3], "max": q[4], "unfinished": float((~ended).float().mean())}
+    return {"min": q[0], "p25": q[1], "median": q[2], "p75": q[3], "max": q[4],
+            "unfinished": float((~ended).float().mean())}
 
 
 def timed(fn):
@@ -186,7 +187,8 @@ def main(argv=None):
             fast_ids, fast_s = timed(lambda: full_pass(samplers["fast"]))
             fast_texts = decode_answers(tok, fast_ids, ends)
             if args.temperature == 0:
-                exact = FastSamplerConfig(**base, steps=L, cache="none", threshold=None, early_stop=True, share_prompt=True)
+                exact = FastSamplerConfig(**base, steps=L, cache="none", threshold=None, early_stop=True,
+                                          share_prompt=True)
                 ref_ids, ref_s = timed(lambda: full_pass(exact))
                 ref_method = "exact path: no cache, 1 token/step, early stop (identical answers at temperature 0)"
             else:

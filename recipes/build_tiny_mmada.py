@@ -187,7 +187,8 @@ def main(argv=None):
             print(f"step {step} {losses} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             res = evaluate(model, tok, vq, args.clip, args.eval_rows, args.seed)
-            history.append({"step": step, **{k: round(v, 4) for k, v in res.items()}, "elapsed_s": round(time.time() - t0)})
+            history.append({"step": step, **{k: round(v, 4) for k, v in res.items()},
+                            "elapsed_s": round(time.time() - t0)})
             print("eval", json.dumps(history[-1]), flush=True)
             save(model, tok, args, step, history)
     print(f"wrote {args.out} after {args.steps} steps")

@@ -58,7 +58,9 @@ def last_number(text: str) -> str | None:
     return match.group(0).replace(",", "") if match else None
 
 
-def check_batch(owner: str, prompts: Sequence[Any] | None, completions: Sequence[Any], columns: Mapping[str, Any]) -> int:
+def check_batch(
+    owner: str, prompts: Sequence[Any] | None, completions: Sequence[Any], columns: Mapping[str, Any]
+) -> int:
     """Validate the uniform reward call (see rewards.registry) and return the batch size."""
     if isinstance(completions, (str, bytes)) or not isinstance(completions, Sequence):
         raise TypeError(f"reward {owner!r}: completions must be a list of strings, got {type(completions).__name__}")

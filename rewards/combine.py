@@ -60,14 +60,18 @@ class RewardSpec:
         if isinstance(spec, Mapping):
             unknown = sorted(str(k) for k in spec if k not in _SPEC_KEYS)
             if unknown:
-                raise ValueError(f"reward spec {dict(spec)!r}: unknown keys {unknown}; expected keys among {list(_SPEC_KEYS)}")
+                raise ValueError(
+                    f"reward spec {dict(spec)!r}: unknown keys {unknown}; expected keys among {list(_SPEC_KEYS)}"
+                )
             if "name" not in spec:
                 raise ValueError(f"reward spec {dict(spec)!r}: missing key 'name'")
             fields = {k: (dict(v) if k == "kwargs" and isinstance(v, Mapping) else v) for k, v in spec.items()}
             if fields.get("tasks") is not None and not isinstance(fields["tasks"], str):
                 fields["tasks"] = tuple(fields["tasks"])  # Hydra ListConfig -> tuple
             return cls(**fields)
-        raise ValueError(f"reward spec must be a RewardSpec, a mapping or a name, got {type(spec).__name__} ({spec!r:.80})")
+        raise ValueError(
+            f"reward spec must be a RewardSpec, a mapping or a name, got {type(spec).__name__} ({spec!r:.80})"
+        )
 
 
 def check_reward_config(functions: Sequence[Any], accuracy: str | Sequence[str]) -> list[str]:
@@ -153,9 +157,13 @@ class WeightedReward:
         duplicates = sorted({k for k in self.keys if self.keys.count(k) > 1})
         if duplicates:
             self.close()
-            raise ValueError(f"WeightedReward: component keys {duplicates} appear twice; give the specs distinct 'key's")
+            raise ValueError(
+                f"WeightedReward: component keys {duplicates} appear twice; give the specs distinct 'key's"
+            )
 
-    def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]) -> dict[str, Any]:
+    def __call__(
+        self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]
+    ) -> dict[str, Any]:
         n = check_batch("weighted sum", prompts, completions, columns)
         total = [0.0] * n
         components: dict[str, list[float]] = {}
@@ -203,7 +211,9 @@ class WeightedReward:
 def _rows_of(spec: RewardSpec, columns: Mapping[str, Sequence[Any]], n: int) -> list[int]:
     tasks = columns.get("task", columns.get("data_source"))
     if tasks is None:
-        raise ValueError(f"reward {spec.name!r} is limited to tasks {list(spec.tasks)} but the batch has no 'task' column")
+        raise ValueError(
+            f"reward {spec.name!r} is limited to tasks {list(spec.tasks)} but the batch has no 'task' column"
+        )
     return [i for i in range(n) if tasks[i] in spec.tasks]
 
 

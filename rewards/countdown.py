@@ -113,7 +113,11 @@ class CountdownReward:
     name = "countdown"
 
     def __init__(
-        self, answer_tag: str = "answer", correct_score: float = 1.0, format_score: float = 0.1, max_equation_chars: int = 256
+        self,
+        answer_tag: str = "answer",
+        correct_score: float = 1.0,
+        format_score: float = 0.1,
+        max_equation_chars: int = 256,
     ):
         self.answer_tag = check_tag(answer_tag, "answer_tag", "CountdownReward")
         for param, value in (("correct_score", correct_score), ("format_score", format_score)):
@@ -125,7 +129,9 @@ class CountdownReward:
             raise ValueError(f"CountdownReward: max_equation_chars must be a positive int, got {max_equation_chars!r}")
         self.max_equation_chars = max_equation_chars
 
-    def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]
+    ) -> list[float]:
         n = check_batch(self.name, prompts, completions, columns)
         if "target" in columns:
             targets = columns["target"]
@@ -159,7 +165,9 @@ def _as_list(value: Any, where: str) -> list:
     if hasattr(value, "tolist"):  # numpy arrays and tensors from a data loader
         value = value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"reward 'countdown': {where} must be a list of integers, got {type(value).__name__} ({value!r:.80})")
+        raise ValueError(
+            f"reward 'countdown': {where} must be a list of integers, got {type(value).__name__} ({value!r:.80})"
+        )
     return list(value)
 
 

@@ -71,6 +71,8 @@ class FormatReward:
             raise ValueError(f"FormatReward: partial_credit must be true or false, got {partial_credit!r}")
         self.partial_credit = partial_credit
 
-    def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]
+    ) -> list[float]:
         check_batch(self.name, prompts, completions, columns)
         return [format_score(c, self.think_tag, self.answer_tag, self.partial_credit) for c in completions]

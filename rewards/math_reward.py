@@ -239,7 +239,9 @@ class MathReward:
         keys = ("timeouts", "crashes", "errors", "over_budget", "restarts")
         return {**self._counts, **{k: pool.get(k, 0) for k in keys}}
 
-    def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]
+    ) -> list[float]:
         n = check_batch(self.name, prompts, completions, columns)
         gold_column = get_column(self.name, columns, GROUND_TRUTH_COLUMNS)
         golds = [normalize_answer(_gold_text(g, i), None) for i, g in enumerate(gold_column)]
@@ -279,5 +281,6 @@ def _gold_text(gold: Any, index: int) -> str:
     if isinstance(gold, (int, float)) and not isinstance(gold, bool):
         return str(gold)
     raise ValueError(
-        f"reward 'math': ground truth at index {index} is {type(gold).__name__} ({gold!r:.80}), expected a string or number"
+        f"reward 'math': ground truth at index {index} is {type(gold).__name__} ({gold!r:.80}), "
+        "expected a string or number"
     )

@@ -68,7 +68,11 @@ SHAPES = ("trl", "verl")
 FLOAT32_MAX = 3.4028234663852886e38
 _EXTRA_REPR_CHARS = 200
 _VERL_PARAMS = ("data_source", "solution_str", "ground_truth", "extra_info")
-_COLUMN_ALIASES = {"data_source": ("data_source", "task"), "ground_truth": ("ground_truth", "answer"), "extra_info": ("extra_info",)}
+_COLUMN_ALIASES = {
+    "data_source": ("data_source", "task"),
+    "ground_truth": ("ground_truth", "answer"),
+    "extra_info": ("extra_info",),
+}
 
 _REGISTRY: dict[str, Callable[..., Callable]] = {
     "math": MathReward,
@@ -116,10 +120,14 @@ class Reward:
     def __repr__(self) -> str:
         return f"Reward({self.name!r}, shape={self.shape!r})"
 
-    def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]
+    ) -> list[float]:
         return self.score(prompts, completions, **columns).scores
 
-    def score(self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]) -> RewardResult:
+    def score(
+        self, prompts: Sequence[Any] | None, completions: Sequence[str], **columns: Sequence[Any]
+    ) -> RewardResult:
         n = check_batch(self.name, prompts, completions, columns)
         clash = sorted(set(self.kwargs) & set(columns))
         if clash:
@@ -137,7 +145,10 @@ class Reward:
         return self.fn(**args)
 
     def _score_verl(self, completions, columns, n) -> RewardResult:
-        per_column = {param: next((columns[c] for c in aliases if c in columns), None) for param, aliases in _COLUMN_ALIASES.items()}
+        per_column = {
+            param: next((columns[c] for c in aliases if c in columns), None)
+            for param, aliases in _COLUMN_ALIASES.items()
+        }
         needs_truth = not self._by_name or self._takes_any or "ground_truth" in self._params
         if needs_truth and per_column["ground_truth"] is None:
             raise ValueError(
@@ -182,7 +193,9 @@ class Reward:
         if not isinstance(out, (list, tuple)):
             raise TypeError(f"reward {self.name!r} returned {type(out).__name__}; expected a list of {n} floats")
         if len(out) != n:
-            raise ValueError(f"reward {self.name!r} returned {len(out)} values for {n} completions; expected one per completion")
+            raise ValueError(
+                f"reward {self.name!r} returned {len(out)} values for {n} completions; expected one per completion"
+            )
         return [self._to_float(v, i) for i, v in enumerate(out)]
 
     def _to_float(self, value: Any, index: int) -> float:
@@ -334,7 +347,9 @@ def _resolve(target: str) -> Any:
     for part in attr.split("."):
         if not hasattr(obj, part):
             public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-            raise AttributeError(f"reward {target!r}: {source} has no attribute {attr!r} (its public callables: {public})")
+            raise AttributeError(
+                f"reward {target!r}: {source} has no attribute {attr!r} (its public callables: {public})"
+            )
         obj = getattr(obj, part)
     return obj
 

@@ -75,7 +75,9 @@ class RewardWorker:
         self._image_tokenizer = None
         missing = [k for k in accuracy if k not in self.reward.keys]
         if missing:
-            raise ValueError(f"reward.accuracy names {missing}, which are not among reward.functions {self.reward.keys}")
+            raise ValueError(
+                f"reward.accuracy names {missing}, which are not among reward.functions {self.reward.keys}"
+            )
         self.accuracy = list(accuracy)
 
     def decode(self, images: Sequence[list[int] | None]) -> list:

@@ -83,7 +83,8 @@ class Actors:
                 f"{ {r: have.get(r, 0) for r in need} } (lower rollout.num_workers / reward.num_workers / "
                 f"trainer.num_learners, or add nodes)") from None
         nodes = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
-        names = [f"rollout-{i}" for i in range(n)] + [f"reward-{i}" for i in range(m)] + [f"learner-{i}" for i in range(k)]
+        names = ([f"rollout-{i}" for i in range(n)] + [f"reward-{i}" for i in range(m)]
+                 + [f"learner-{i}" for i in range(k)])
         log.info("placement: %s", ", ".join(f"{name}@{nodes[i][:8]}" for i, name in enumerate(names)))
         self.rollout = [self._make_rollout(i) for i in range(n)]
         self.reward = [self._make_reward(i) for i in range(m)]
@@ -145,7 +146,8 @@ class Actors:
             i, (future, deadline) = next(iter(futures.items()))
             name = f"{kind}-{i}"
             try:
-                results[i] = ray.get(future, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                results[i] = ray.get(future,
+                                     timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
                 running = self._running(name)
                 self.restart(name)

@@ -39,7 +39,8 @@ class Driver:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model_path = model_path(cfg)
         self.G = cfg.algorithm.group_size
-        self.accuracy_keys = [cfg.reward.accuracy] if isinstance(cfg.reward.accuracy, str) else list(cfg.reward.accuracy)
+        self.accuracy_keys = ([cfg.reward.accuracy] if isinstance(cfg.reward.accuracy, str)
+                              else list(cfg.reward.accuracy))
         train_rows, self.val_rows = load_split(cfg.task, "train", cfg.seed), load_split(cfg.task, "val", cfg.seed)
         self.image_tokenizer = None
         if has_images(train_rows) or has_images(self.val_rows):
@@ -57,7 +58,8 @@ class Driver:
         self.actors = Actors(cfg, self.model_path, self.accuracy_keys)
         state = self._load(resume_from) if resume_from else {}
         self.tracker = Tracker(self.run_dir, list(cfg.trainer.logger), cfg.trainer.project,
-                               cfg.trainer.experiment_name or cfg.algorithm.name, OmegaConf.to_container(cfg, resolve=True),
+                               cfg.trainer.experiment_name or cfg.algorithm.name,
+                               OmegaConf.to_container(cfg, resolve=True),
                                cfg.trainer.total_steps, wandb_mode=cfg.logger.wandb_mode,
                                resume_id=state.get("wandb_id"))
         if resume_from:
@@ -186,10 +188,12 @@ class Driver:
     def update(self, batch: RolloutBatch) -> dict:
         """mu inner updates on every learner rank. Never retried: an update that ran must not run twice."""
         seed = self._seed("learner")
-        return self.actors.on_learners([l.update.remote(batch, seed) for l in self.actors.learners])[0]  # averaged
+        refs = [learner.update.remote(batch, seed) for learner in self.actors.learners]
+        return self.actors.on_learners(refs)[0]  # averaged
 
     def sync_weights(self) -> None:
-        refs = [l.state_dict_for_rollout.remote() for l in self.actors.learners]  # every ZeRO-3 rank must gather
+        # every ZeRO-3 rank must gather
+        refs = [learner.state_dict_for_rollout.remote() for learner in self.actors.learners]
         self.actors.on_learners(refs)
         # Final only now: a rollout worker (re)started from here on must load these, not older ones.
         self.actors.weights = refs[0]
@@ -198,14 +202,14 @@ class Driver:
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> None:
         def save_actor(path: Path) -> None:
-            ray.get([l.save.remote(str(path / "actor")) for l in self.actors.learners])
+            ray.get([learner.save.remote(str(path / "actor")) for learner in self.actors.learners])
 
         state = {"step": self.step, "cursor": self.cursor.state(), "wandb_id": self.tracker.wandb_id}
         self.ckpt.save(self.step, save_actor, state)
 
     def _load(self, path: Path) -> dict:
         state = self.ckpt.load(path)
-        ray.get([l.load.remote(str(path / "actor")) for l in self.actors.learners])
+        ray.get([learner.load.remote(str(path / "actor")) for learner in self.actors.learners])
         self.step = state["step"]
         self.cursor = PromptCursor(self.cursor.rows, self.cfg.seed, **state["cursor"])
         self.sync_weights()

@@ -26,7 +26,8 @@ def sampler_config(rollout_cfg: Mapping) -> SamplerConfig:
     takes = {f.name for f in fields(SAMPLERS[name])}
     extra = sorted(set(rollout_cfg) - takes - WORKER_KEYS)
     if extra:
-        raise ValueError(f"rollout.sampler={name!r} takes no {extra} (they belong to another sampler, e.g. rollout=fast)")
+        raise ValueError(
+            f"rollout.sampler={name!r} takes no {extra} (they belong to another sampler, e.g. rollout=fast)")
     return SAMPLERS[name](**{k: rollout_cfg[k] for k in takes if k in rollout_cfg})
 
 
@@ -75,7 +76,8 @@ def rollout(model, tokenizer, rows: list[dict], group_size: int, sampler: Sample
     end_ids = end_token_ids(tokenizer)
     is_image = [mode_of(r) == "t2i" for r in expanded]
     if any(is_image) and not (config.codebook_size and config.num_vq_tokens):
-        raise ValueError("text-to-image rows need a model with image codes (config codebook_size and num_vq_tokens > 0)")
+        raise ValueError(
+            "text-to-image rows need a model with image codes (config codebook_size and num_vq_tokens > 0)")
     step = micro_batch or len(expanded)
     parts, lengths = [], {}
     commits, per_step = [None] * len(expanded), [None] * len(expanded)

@@ -172,7 +172,8 @@ def generate(
             step += 1
     mult = 2 if cfg.cfg_scale else 1
     return SampleOutput(answer_ids=x[:, P:], commit_step=commit, forward_passes=passes,
-                        row_steps=torch.full((B,), step, dtype=torch.long), sampled=torch.full((B,), L, dtype=torch.long),
+                        row_steps=torch.full((B,), step, dtype=torch.long),
+                        sampled=torch.full((B,), L, dtype=torch.long),
                         row_tokens=passes * mult * x.numel())
 
 

@@ -33,5 +33,6 @@ class RolloutWorker:
         sampler = self.sampler if temperature is None else replace(self.sampler, temperature=temperature)
         gen = torch.Generator().manual_seed(seed)
         t0 = time.perf_counter()
-        batch = rollout(self.model, self.tokenizer, rows, group_size, sampler, gen, self.micro_batch, self.image_sampler)
+        batch = rollout(self.model, self.tokenizer, rows, group_size, sampler, gen, self.micro_batch,
+                        self.image_sampler)
         return replace(batch.to("cpu"), seconds=time.perf_counter() - t0)

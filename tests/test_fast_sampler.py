@@ -66,7 +66,8 @@ def test_early_stop_and_shared_prompts_keep_greedy_answers_and_cut_the_work(tiny
     ids, mask = ids[:3].repeat_interleave(G, 0), mask[:3].repeat_interleave(G, 0)  # rollout's group layout
     base = dict(gen_length=96, block_length=32, steps=96, temperature=0.0)
     ref = generate(model, ids, mask, tok.mask_token_id, SamplerConfig(**base))
-    fast = run_fast(tiny, FastSamplerConfig(**base, **{**OFF, "early_stop": True, "share_prompt": True}), ids=ids, mask=mask)
+    fast = run_fast(tiny, FastSamplerConfig(**base, **{**OFF, "early_stop": True, "share_prompt": True}),
+                    ids=ids, mask=mask)
     ends = end_token_ids(tok)
     keep = answer_mask(ref.answer_ids, ends).bool()
     # Up to and including the first end token the answers are the reference's; after it, end-of-text.

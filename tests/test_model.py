@@ -62,7 +62,8 @@ def test_left_padded_rows_match_unpadded():
 
 @pytest.mark.parametrize("kw,key", [
     (dict(d_model=30), "d_model"), (dict(n_kv_heads=3), "n_kv_heads"), (dict(mask_token_id=64), "mask_token_id"),
-    (dict(embedding_size=10), "embedding_size"), (dict(n_layers=0), "n_layers"), (dict(include_bias=True), "include_bias"),
+    (dict(embedding_size=10), "embedding_size"), (dict(n_layers=0), "n_layers"),
+    (dict(include_bias=True), "include_bias"),
 ])
 def test_bad_config_values_are_named(kw, key):
     with pytest.raises(ValueError, match=f"LLaDAConfig.{key}="):
@@ -85,7 +86,8 @@ def tokenizer():
 def test_tokenizer_special_tokens_and_chat_template(tokenizer):
     assert tokenizer.mask_token == MASK and tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
     assert len(end_token_ids(tokenizer)) == 2 and tokenizer.convert_tokens_to_ids(EOT) in end_token_ids(tokenizer)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi 42"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi 42"}], add_generation_prompt=True,
+                                         tokenize=False)
     assert text == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nHi 42<|eot_id|>"
                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -131,14 +131,16 @@ def test_shipped_tiny_mmada_tokenizer_has_scene_words_and_keeps_text_tokens():
         assert len(mm_tok(word, add_special_tokens=False).input_ids) == 1, word
     for row in make_rows("arithmetic", 100, seed=1) + make_rows("countdown", 100, seed=1):
         for text in (row["prompt"], row["solution"]):
-            assert mm_tok(text, add_special_tokens=False).input_ids == text_tok(text, add_special_tokens=False).input_ids
+            assert (mm_tok(text, add_special_tokens=False).input_ids
+                    == text_tok(text, add_special_tokens=False).input_ids)
 
 
 def test_encode_rows_layouts(mm, vq):
     model, tok = mm
     offset = model.config.image_token_offset
     text = make_rows("arithmetic", 3)
-    assert all(torch.equal(a, b) for a, b in zip(encode_rows(tok, text), encode_prompts(tok, [r["prompt"] for r in text])))
+    assert all(torch.equal(a, b)
+               for a, b in zip(encode_rows(tok, text), encode_prompts(tok, [r["prompt"] for r in text])))
     t2i, qa = make_rows("t2i", 1), make_rows("shapes_qa", 1)
     attach_image_codes(t2i + qa, vq, "rows")
     ids, mask = encode_rows(tok, text[:1] + t2i + qa, offset)
@@ -196,8 +198,10 @@ def test_image_sampler_gumbel_noise_and_cfg(mm):
     model, tok = mm
     cfg = model.config
     ids, mask = encode_rows(tok, make_rows("t2i", 2), cfg.image_token_offset)
-    run = lambda c, seed: generate_image(model, ids, mask, tok.mask_token_id, 64, cfg.image_token_offset,
-                                         cfg.codebook_size, c, torch.Generator().manual_seed(seed))
+    def run(c, seed):
+        return generate_image(model, ids, mask, tok.mask_token_id, 64, cfg.image_token_offset,
+                              cfg.codebook_size, c, torch.Generator().manual_seed(seed))
+
     a, b = run(ImageSamplerConfig(steps=6), 0), run(ImageSamplerConfig(steps=6), 0)
     assert torch.equal(a.answer_ids, b.answer_ids)  # seeded
     assert not torch.equal(a.answer_ids, run(ImageSamplerConfig(steps=6), 1).answer_ids)
@@ -263,4 +267,5 @@ def test_batch_metrics_measure_text_lengths_when_image_answers_are_longer():
     assert m["response_length/clip_ratio"] == 0.5
     assert m["response_length/mean"] == 3.0 and m["response_length/max"] == 4.0
     assert m["train/accuracy"] == 0.5 and m["reward/clip_score/mean"] == 40.0
-    assert (m["train/arithmetic/accuracy"], m["train/shapes_qa/accuracy"]) == (0.0, 1.0) and "train/t2i/accuracy" not in m
+    assert (m["train/arithmetic/accuracy"], m["train/shapes_qa/accuracy"]) == (0.0, 1.0)
+    assert "train/t2i/accuracy" not in m

@@ -180,7 +180,9 @@ def test_math_reward_scores_equivalent_answers(pool):
     assert reward(None, completions, answer=golds) == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
     # ground_truth wins over answer; scores are configurable
     strict = MathReward(pool=pool, fallback=False, correct_score=2.0, incorrect_score=-0.5)
-    assert strict(["q", "q"], ["<answer>7</answer>", "\\boxed{7}"], ground_truth=["7", "7"], answer=["8", "8"]) == [2.0, -0.5]
+    assert strict(
+        ["q", "q"], ["<answer>7</answer>", "\\boxed{7}"], ground_truth=["7", "7"], answer=["8", "8"]
+    ) == [2.0, -0.5]
     assert strict.counters["no_answer"] == 1
 
 

@@ -143,7 +143,8 @@ def test_load_trl_shape_from_file(plugin):
     picky = load_reward(f"{plugin}:needs_prompts", kwargs={"bonus": 0.5})
     assert picky(["x", "y"], ["has x", "no"], answer=["1", "2"]) == [1.5, 0.5]
     # None means "does not apply" (TRL), arrays are accepted.
-    assert [math.isnan(s) for s in load_reward(f"{plugin}:not_applicable")(None, ["a", "b"], task=["mine", "other"])] == [False, True]
+    scores = load_reward(f"{plugin}:not_applicable")(None, ["a", "b"], task=["mine", "other"])
+    assert [math.isnan(s) for s in scores] == [False, True]
     assert load_reward(f"{plugin}:as_array")(None, ["a", "b"]) == [1.0, 1.0]
 
 
@@ -151,7 +152,11 @@ def test_load_verl_shape_from_dotted_paths(plugin_package):
     reward = load_reward(f"{plugin_package}:compute_score")
     assert reward.shape == "verl"
     result = reward.score(
-        ["q", "q"], [" 42 ", "41"], data_source=["gsm8k", "gsm8k"], ground_truth=["42", "42"], extra_info=[{"w": 2}, None]
+        ["q", "q"],
+        [" 42 ", "41"],
+        data_source=["gsm8k", "gsm8k"],
+        ground_truth=["42", "42"],
+        extra_info=[{"w": 2}, None],
     )
     assert result.scores == [1.0, 0.0]
     assert result.extras == {"source": ["gsm8k", "gsm8k"], "weight": [2, None]}
@@ -204,11 +209,15 @@ def test_bad_results_and_calls_name_the_reward(plugin):
         load_reward(f"{plugin}:wordy")(None, ["a"])
     with pytest.raises(ValueError, match="reward 'infinite' returned inf for sample 0; rewards must be finite"):
         load_reward(f"{plugin}:infinite")(None, ["a"])
-    with pytest.raises(ValueError, match=r"reward 'no_score' returned a dict without key 'score' for sample 0 \(keys \['acc'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"reward 'no_score' returned a dict without key 'score' for sample 0 \(keys \['acc'\]\)"
+    ):
         load_reward(f"{plugin}:no_score")(None, ["a"], ground_truth=["a"])
     with pytest.raises(ValueError, match=r"reward 'length_reward' requires argument 'target_len'"):
         load_reward(f"{plugin}:length_reward")(None, ["a"])
-    with pytest.raises(ValueError, match=r"reward 'exact_match' \(verl-style\) needs column 'ground_truth' or 'answer'"):
+    with pytest.raises(
+        ValueError, match=r"reward 'exact_match' \(verl-style\) needs column 'ground_truth' or 'answer'"
+    ):
         load_reward(f"{plugin}:exact_match")(None, ["a"])
     with pytest.raises(ValueError, match=r"kwargs \['target_len'\] are also batch columns"):
         load_reward(f"{plugin}:length_reward", kwargs={"target_len": [1]})(None, ["a"], target_len=[1])
@@ -245,7 +254,12 @@ def test_text_reasoning_preset_is_mmada_correctness_plus_format():
     try:
         out = combo(
             None,
-            ["<think>half</think><answer>\\frac{1}{2}</answer>", "<answer>0.5</answer>", "<think>x</think><answer>3</answer>", "no"],
+            [
+                "<think>half</think><answer>\\frac{1}{2}</answer>",
+                "<answer>0.5</answer>",
+                "<think>x</think><answer>3</answer>",
+                "no",
+            ],
             answer=["0.5"] * 4,
         )
         assert out["total"] == [2.5, 2.0, 0.5, 0.0]

@@ -131,7 +131,8 @@ def test_countdown_reward_columns():
     assert reward(None, completions, nums=[(3, 4), (4, 3)], target=[12.0, 7]) == [1.0, 1.0]
     truths = [{"target": 12, "numbers": [3, 4]}, {"target": 7, "numbers": [4, 3]}]
     assert reward(None, completions, ground_truth=truths) == [1.0, 1.0]
-    assert CountdownReward(correct_score=2.0, format_score=0.0)(None, completions, ground_truth=truths[::-1]) == [0.0, 0.0]
+    swapped = CountdownReward(correct_score=2.0, format_score=0.0)
+    assert swapped(None, completions, ground_truth=truths[::-1]) == [0.0, 0.0]
 
 
 def test_countdown_reward_rejects_bad_columns():

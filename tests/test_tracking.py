@@ -63,7 +63,8 @@ def test_truncate_after_on_resume(tmp_path):
     resumed = Tracker(tmp_path, [])
     resumed.log(5, {"reward/mean": 50.0})
     resumed.close()
-    assert [(r["step"], r["reward/mean"]) for r in lines(tmp_path / METRICS_FILE)][2:] == [(3, 3.0), (4, 40.0), (5, 50.0)]
+    logged = [(r["step"], r["reward/mean"]) for r in lines(tmp_path / METRICS_FILE)]
+    assert logged[2:] == [(3, 3.0), (4, 40.0), (5, 50.0)]
 
 
 def test_torn_last_line_is_not_joined_to_the_next_record(tmp_path):

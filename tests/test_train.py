@@ -107,7 +107,8 @@ def test_cli_writes_metrics_to_hydra_run_dir(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1] and "reward/mean" in lines[1]
     bad = subprocess.run([sys.executable, "-m", "rl.train", f"hydra.run.dir={tmp_path / 'bad'}",
-                          "algorithm.group_size=1"], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          "algorithm.group_size=1"], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
     assert bad.returncode == 2 and "algorithm.group_size=1: expected an integer >= 2" in bad.stderr + bad.stdout
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from rl.data import shapes
 
-NAMES = ["Ann", "Ben", "Cal", "Dee", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kai", "Lea", "Max", "Nia", "Omar", "Pia"]
+NAMES = ["Ann", "Ben", "Cal", "Dee", "Eva", "Finn", "Gus", "Hana",
+         "Ivy", "Jon", "Kai", "Lea", "Max", "Nia", "Omar", "Pia"]
 ITEMS = ["apples", "books", "coins", "cards", "eggs", "pens", "shells", "stamps", "toys", "marbles"]
 
 
@@ -83,7 +84,8 @@ def _countdown(rng: random.Random) -> dict:
 
 # Multimodal (rl/data/shapes.py): "t2i" draws the captioned scene, "shapes_qa" answers a counting
 # question about a scene shown as image codes.
-GENERATORS = {"arithmetic": _arithmetic, "countdown": _countdown, "t2i": shapes.t2i_row, "shapes_qa": shapes.reasoning_row}
+GENERATORS = {"arithmetic": _arithmetic, "countdown": _countdown,
+              "t2i": shapes.t2i_row, "shapes_qa": shapes.reasoning_row}
 # Split seeds are far apart so train and held-out rows come from disjoint random streams.
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 

@@ -103,7 +103,8 @@ class LLaDAConfig(PretrainedConfig):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 bad(key, "expected an integer >= 0 (0 = text only)")
         if self.codebook_size and not 0 < self.codebook_size < self.vocab_size:
-            bad("codebook_size", f"image codes are the last rows of the vocabulary: must be < vocab_size={self.vocab_size}")
+            bad("codebook_size",
+                f"image codes are the last rows of the vocabulary: must be < vocab_size={self.vocab_size}")
         if self.codebook_size and self.mask_token_id >= self.image_token_offset:
             bad("mask_token_id", f"must be a text token (< image_token_offset={self.image_token_offset})")
         if self.include_bias:

@@ -39,7 +39,8 @@ class VQConfig:
     def __post_init__(self):
         d = self.downsample
         if d < 2 or d & (d - 1) or self.image_size % d:
-            raise ValueError(f"VQConfig.downsample={d}: expected a power of two >= 2 dividing image_size={self.image_size}")
+            raise ValueError(
+                f"VQConfig.downsample={d}: expected a power of two >= 2 dividing image_size={self.image_size}")
         if self.codebook_size < 2:
             raise ValueError(f"VQConfig.codebook_size={self.codebook_size}: expected at least 2 codes")
 
@@ -93,7 +94,8 @@ class VQImageTokenizer(nn.Module):
         x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
         size = self.config.image_size
         if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (size, size, 3):
-            raise ValueError(f"image tokenizer: expected uint8 images [B, {size}, {size}, 3], got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(
+                f"image tokenizer: expected uint8 images [B, {size}, {size}, 3], got {x.dtype} {tuple(x.shape)}")
         return x.to(self._device()).permute(0, 3, 1, 2).float() / 127.5 - 1
 
     @staticmethod
