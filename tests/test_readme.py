@@ -94,7 +94,8 @@ def test_the_reward_option_file_example_composes_as_written(tmp_path):
     for name in ("my_rewards.py", "my_verl_reward.py"):
         (tmp_path / name).write_text(code_block(f"# {name}"))
     conf = shutil.copytree(ROOT / "conf", tmp_path / "conf")
-    (conf / "reward" / "mine.yaml").write_text(code_block("# conf/reward/mine.yaml").replace("/path/to/", f"{tmp_path}/"))
+    mine = code_block("# conf/reward/mine.yaml").replace("/path/to/", f"{tmp_path}/")
+    (conf / "reward" / "mine.yaml").write_text(mine)
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["reward=mine"])
     assert cfg.reward.accuracy == "exact_answer" and cfg.reward.clip_path is None
