@@ -280,8 +280,9 @@ class Tracker:
         DIAGNOSTIC_PANELS the run logged. Series with the same points in a panel are drawn once, labelled
         with every name (in a single-task run val/accuracy is val/<task>/accuracy)."""
         val_keys = sorted({k for r in records for k in r if _is_val_accuracy(k)})
+        # val/reward/* (the mean, the timeout count) is not a score of the answers' quality.
         score_keys = sorted({k for r in records for k in r if k.startswith("val/") and not _is_val_accuracy(k)
-                             and k != "val/reward/mean"})
+                             and not k.startswith("val/reward/")})
         groups = [("reward", ["reward/mean"])]
         # A run with no correctness reward (text-to-image) has scores only: no empty accuracy panel.
         if val_keys or not score_keys:

@@ -113,6 +113,9 @@ def test_plot_panels_follow_the_logged_validation_metrics(tmp_path):
 
     scores = {"val/t2i/clip_score": 40.0, "val/t2i/clip_score_reference": 90.0}
     assert titles({"val/accuracy": 0.5}) == ["reward", "validation accuracy"]
+    # the validation reward's mean and timeout count are not answer scores: no panel of their own
+    assert titles({"val/accuracy": 0.5, "val/reward/mean": 1.0, "val/reward/timeouts": 0}) == [
+        "reward", "validation accuracy"]
     assert titles(scores) == ["reward", "validation scores"]  # text-to-image: no empty accuracy panel
     assert titles({"val/accuracy": 0.5, **scores}) == ["reward", "validation accuracy", "validation scores"]
 
