@@ -89,6 +89,10 @@ class RewardValueError(ValueError):
         self.reward, self.index, self.value, self.why = reward, index, value, why
         super().__init__(f"reward {reward!r} returned {value} for sample {index}; {why}")
 
+    def __reduce__(self):
+        # Rebuilt from its four fields: it crosses from a Ray reward worker to the driver by pickle.
+        return type(self), (self.reward, self.index, self.value, self.why)
+
     def at(self, index: int) -> "RewardValueError":
         """The same error with another sample index (the batch's, for a reward called on some rows)."""
         return RewardValueError(self.reward, index, self.value, self.why)

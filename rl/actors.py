@@ -190,7 +190,12 @@ class Actors:
         ray.kill(pool[idx], no_restart=True)
         if kind == "reward":
             internal_kv._internal_kv_del(_running_key(name))
-        pool[idx] = self._make_rollout(idx) if kind == "rollout" else self._make_reward(idx)
+        try:
+            pool[idx] = self._make_rollout(idx) if kind == "rollout" else self._make_reward(idx)
+            # Ready before the call is resent, so that the call's deadline does not include the start-up.
+            ray.get(pool[idx].__ray_ready__.remote())
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(f"could not restart {name}: its replacement died while starting ({e})") from e
 
     def close(self) -> None:
         for a in [*self.rollout, *self.reward, *self.learners]:

@@ -128,7 +128,9 @@ class Driver:
         has_images = any(x is not None for x in images)
         if has_images and self._reference is None:
             truth = [r.get("image_codes") if x is not None else None for r, x in zip(batch.rows, images)]
-            self._reference = self.score(batch, truth)[0].components
+            reference, timeouts = self.score(batch, truth)
+            if not timeouts:  # kept for the whole run: never from a call that ran out of time
+                self._reference = reference.components
         for task in sorted({r["task"] for r in rows}):
             idx = [i for i, r in enumerate(batch.rows) if r["task"] == task]
             if any(images[i] is not None for i in idx):
@@ -181,7 +183,8 @@ class Driver:
         timeouts = 0
         for i in [i for i, p in parts.items() if p is None]:
             n = bounds[i + 1] - bounds[i]
-            parts[i] = Scores([0.0] * n, [0.0] * n, {k: [math.nan] * n for k in keys})
+            # Total 0 (no gradient signal from them); accuracy unknown, so left out of the accuracy means.
+            parts[i] = Scores([0.0] * n, [math.nan] * n, {k: [math.nan] * n for k in keys})
             timeouts += n
         return Scores.concat([parts[i] for i in sorted(parts)]), timeouts
 

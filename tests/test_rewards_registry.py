@@ -417,3 +417,11 @@ def test_on_call_names_each_component_while_it_runs(plugin):
     assert calls == ["format", None, "exact", None]  # None after a reward that raised, too
     with pytest.raises(ValueError, match="on_call must be callable"):
         WeightedReward(["format"], on_call="log")
+
+
+def test_a_bad_reward_value_error_survives_pickling_as_itself(plugin):
+    """It is raised in a Ray reward worker and re-raised on the driver: it must unpickle as itself."""
+    with pytest.raises(ValueError) as caught:
+        load_reward(f"{plugin}:out_of_range")(None, ["a"], value=[1e39])
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert type(again) is type(caught.value) and str(again) == str(caught.value)
