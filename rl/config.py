@@ -71,10 +71,6 @@ def _one_of(key: str, value, choices) -> None:
         _bad(key, value, f"expected one of {list(choices)}")
 
 
-# A key an option file may leave as ??? (a value the user must give, e.g. model=mmada_8b's path) has
-# no default here: OmegaConf's merge never lets ??? replace a default, so it would be lost silently.
-
-
 @dataclass
 class ModelConfig:
     # null = the tiny checkpoint shipped in recipes/assets/tiny-llada; otherwise a local directory
@@ -298,8 +294,7 @@ def validate(cfg: DictConfig) -> Config:
             raise ConfigError(first.split("interpolation: ", 1)[-1]) from None
         missing = missing or [getattr(e, "full_key", None) or str(e)]
     if missing:
-        key = missing[0]
-        raise ConfigError(f"config {key}: a value is required (e.g. {key}=/path/to/local/dir)")
+        _required(missing[0])
     c: Config = build(Config, cfg)
 
     try:
