@@ -28,7 +28,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from rewards.combine import check_reward_config
 from rl.errors import ConfigError, fail
 from rl.estimators import build_estimator
-from rl.models import TINY_CHECKPOINT, check_model_files
+from rl.models import TINY_CHECKPOINT, check_model_files, resolve_model_dir
 from rl.tracking import LOGGERS
 from rollout.image import ImageSamplerConfig
 from rollout.rollout import SAMPLERS, WORKER_KEYS, sampler_config
@@ -263,7 +263,9 @@ def build(schema: type, values, prefix: str = ""):
 
 
 def model_path(cfg) -> str:
-    return str(TINY_CHECKPOINT if cfg.model.path is None else Path(cfg.model.path).expanduser())
+    """model.path as a model folder: null = the shipped tiny checkpoint; a training checkpoint
+    (global_step_N, or a run folder) = its exported policy (rl.models.resolve_model_dir)."""
+    return str(TINY_CHECKPOINT if cfg.model.path is None else resolve_model_dir(cfg.model.path))
 
 
 def image_tokenizer_path(cfg) -> str | None:

@@ -237,3 +237,23 @@ def test_module_does_not_import_ray():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert "ray" not in imported and "torch" in imported
+
+
+def test_a_training_checkpoint_is_a_model_path(tmp_path):
+    import shutil
+
+    from rl.models import TINY_CHECKPOINT, resolve_model_dir
+
+    mgr = CheckpointManager(tmp_path / "run", keep_last=None)
+    for step in (2, 4):
+        mgr.save(step, lambda p: shutil.copytree(TINY_CHECKPOINT, p / "actor" / "hf"), {})
+    newest = tmp_path / "run" / "checkpoints" / "global_step_4"
+    assert resolve_model_dir(TINY_CHECKPOINT) == TINY_CHECKPOINT
+    for given in (newest, newest / "actor", tmp_path / "run", tmp_path / "run" / "checkpoints"):
+        assert resolve_model_dir(given) == newest / "actor" / "hf"
+    weights = newest / "actor" / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ValueError, match="damaged.*model.safetensors"):
+        resolve_model_dir(newest)
+    with pytest.warns(UserWarning, match="global_step_4 is damaged"):  # the run falls back to step 2
+        assert resolve_model_dir(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "global_step_2" / "actor" / "hf"

@@ -15,6 +15,37 @@ AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
 TINY_CHECKPOINT = Path(__file__).resolve().parents[2] / "recipes" / "assets" / "tiny-llada"
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model folder behind `path`: a folder holding config.json as it is, or a training run's
+    checkpoint, whose policy is its Hugging Face export (LoRA merged) in actor/hf:
+    .../global_step_N, .../global_step_N/actor, a run's checkpoints/ folder or the run folder itself
+    (these two: the checkpoint resume=auto would take). A checkpoint whose files do not match its
+    MANIFEST.json is an error naming the file, never loaded."""
+    from rl.checkpoint import MANIFEST, CheckpointManager, damage
+
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file():
+        return p
+    step = p.parent if p.name == "actor" else p
+    if not (step / "actor").is_dir():
+        run = p.parent if p.name == "checkpoints" else p
+        if (run / "checkpoints").is_dir():
+            latest = CheckpointManager(run, keep_last=None).latest()
+            if latest is None:
+                raise FileNotFoundError(f"{str(p)!r} holds no complete, intact checkpoint")
+            step = latest
+    if (step / "actor").is_dir():
+        if (step / MANIFEST).is_file():
+            problems = damage(step)
+            if problems:
+                raise ValueError(f"checkpoint {str(step)!r} is damaged: {'; '.join(problems)}")
+        hf = step / "actor" / "hf"
+        if not (hf / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint {str(step)!r} has no model export in actor/hf")
+        return hf
+    return p  # check_checkpoint_dir names what is missing
+
+
 def check_checkpoint_dir(path: str | Path) -> Path:
     """Fail early, naming the directory and the missing file, instead of deep inside transformers."""
     path = Path(path)
