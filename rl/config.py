@@ -92,9 +92,34 @@ class TaskConfig:
     # default, because a dict default would be merged with (not replaced by) the option file's.
     train: Dict[str, int] = field(default_factory=dict)
     val: Dict[str, int] = field(default_factory=dict)
-    # JSONL files used instead ({"prompt": ..., "answer": ...} per line; prompt may be a chat message list).
+    # Dataset files used instead (rl/data/files.py): .jsonl, .json, .parquet or a datasets save_to_disk
+    # folder, in this project's, TRL's or verl's column layout.
     train_file: Optional[str] = None
     val_file: Optional[str] = None
+    # A benchmark's record layout from rl.data.benchmarks.FORMATS (gsm8k, ...), which reads the columns itself.
+    format: Optional[str] = None
+    prompt_key: str = "prompt"  # a string or a chat message list
+    answer_key: str = "answer"  # a dotted key (reward_model.ground_truth) reaches into a struct column
+    # Longest chat-templated prompt in tokens (null = no limit): longer ones are dropped with a warning
+    # (verl's data.filter_overlong_prompts), or, with filter_overlong_prompts=false, an error.
+    max_prompt_length: Optional[int] = None
+    filter_overlong_prompts: bool = True
+
+    def __post_init__(self):
+        from rl.data.benchmarks import FORMATS
+
+        if self.format is not None and self.format not in FORMATS:
+            _bad("task.format", self.format, f"expected null or one of {sorted(FORMATS)}")
+        for key in ("prompt_key", "answer_key"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                _bad(f"task.{key}", value, "expected a column name")
+        if self.format is not None and (self.prompt_key, self.answer_key) != ("prompt", "answer"):
+            _bad("task.format", self.format, "reads the columns itself; leave task.prompt_key/answer_key unset")
+        if self.max_prompt_length is not None:
+            _int("task.max_prompt_length", self.max_prompt_length, 1, " (tokens; null = no limit)")
+        if not isinstance(self.filter_overlong_prompts, bool):
+            _bad("task.filter_overlong_prompts", self.filter_overlong_prompts, "expected true or false")
 
 
 @dataclass
@@ -331,6 +356,7 @@ def validate(cfg: DictConfig) -> Config:
 
 
 def _check_tasks(c: Config) -> None:
+    from rl.data.files import FORMS
     from rl.data.loader import load_split
     from rl.data.tasks import GENERATORS
 
@@ -339,13 +365,15 @@ def _check_tasks(c: Config) -> None:
         if file is None and (not counts or not set(counts) <= set(GENERATORS) or min(counts.values()) < 1):
             _bad(f"task.{split}", counts, f"expected a mapping of task names from {sorted(GENERATORS)} to row "
                  f"counts >= 1, or task.{split}_file")
-        if file is not None:
-            try:  # every row read and checked now (a few MB at most), so a bad row never reaches an actor
-                load_split(c.task, split, c.seed)
+        if file is not None or c.task.max_prompt_length is not None:
+            # Every row read and checked now, so a bad row never reaches an actor; the driver's load_split
+            # then takes these rows rather than reading the file again.
+            try:
+                load_split(c.task, split, c.seed, model_dir=model_path(c))
             except FileNotFoundError:
-                _bad(f"task.{split}_file", file, "expected an existing JSONL file")
+                _bad(f"task.{split}_file", file, f"expected an existing file or folder: {FORMS}")
             except ValueError as e:
-                raise ConfigError(f"task.{split}_file: {e}") from None
+                raise ConfigError(f"task.{split}{'_file' if file is not None else ''}: {e}") from None
 
 
 def _check_types(prefix: str, cls: type, values: dict) -> None:

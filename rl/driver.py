@@ -41,7 +41,9 @@ class Driver:
         self.G = cfg.algorithm.group_size
         self.accuracy_keys = ([cfg.reward.accuracy] if isinstance(cfg.reward.accuracy, str)
                               else list(cfg.reward.accuracy))
-        train_rows, self.val_rows = load_split(cfg.task, "train", cfg.seed), load_split(cfg.task, "val", cfg.seed)
+        # The rows validate() read (rl.data.loader keeps them), not a second reading of the files.
+        train_rows = load_split(cfg.task, "train", cfg.seed, model_dir=self.model_path)
+        self.val_rows = load_split(cfg.task, "val", cfg.seed, model_dir=self.model_path)
         self.image_tokenizer = None
         if has_images(train_rows) or has_images(self.val_rows):
             from rl.models.vq import load_image_tokenizer

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from rl.data.tasks import load_jsonl, make_mixture, make_rows, validate_rows
+from rl.data.files import load_file
+from rl.data.tasks import make_mixture, make_rows, validate_rows
 
 
 def test_rows_are_deterministic_and_splits_differ():
@@ -44,21 +45,21 @@ def test_jsonl_loading_names_file_and_line(tmp_path):
     good = tmp_path / "gsm.jsonl"
     rows = [json.dumps({"prompt": "1+1?", "answer": 2}), "", json.dumps({"prompt": "2+2?", "answer": "4"})]
     good.write_text("\n".join(rows) + "\n")
-    rows = load_jsonl(good)
+    rows = load_file(good)
     assert [r["answer"] for r in rows] == ["2", "4"] and rows[0]["task"] == "gsm"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "answer": "1"}\n{oops\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
-        load_jsonl(bad)
+        load_file(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_jsonl(tmp_path / "missing.jsonl")
+        load_file(tmp_path / "missing.jsonl")
 
 
 def test_jsonl_row_errors_name_the_line(tmp_path):
     f = tmp_path / "data.jsonl"
     f.write_text(json.dumps({"prompt": "a", "answer": 1}) + "\n\n" + json.dumps({"question": "b", "answer": 2}) + "\n")
     with pytest.raises(ValueError, match=r"data\.jsonl:3: row 1 has no 'prompt' \(expected a non-empty string or"):
-        load_jsonl(f)
+        load_file(f)
 
 
 def test_message_list_prompts_are_checked():

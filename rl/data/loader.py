@@ -1,22 +1,96 @@
 """Task rows for a run, and the cursor that hands out prompts in a seeded, resumable order."""
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
+from rl.data.files import load_file
 from rl.data.shapes import render
-from rl.data.tasks import IMAGE_MODES, load_jsonl, make_mixture, validate_rows
+from rl.data.tasks import IMAGE_MODES, make_mixture, validate_rows
+
+log = logging.getLogger("dllm_rl")
+
+# Rows read by the config check (rl/config.py: _check_tasks), handed to the driver's load_split with the
+# same settings instead of reading the files a second time. Keyed by everything the rows depend on.
+_LOADED: dict[tuple, list[dict]] = {}
+_LOADED_MAX = 4  # train and val of the last two configs
 
 
-def load_split(task_cfg, split: str, seed: int) -> list[dict]:
-    """The rows of task.train or task.val (a DictConfig or rl.config.TaskConfig): a JSONL file's rows, or
-    synthetic rows generated in code."""
-    file = getattr(task_cfg, f"{split}_file")
-    if file is not None:
-        return load_jsonl(file)
-    rows = make_mixture(dict(getattr(task_cfg, split)), seed=seed, split="train" if split == "train" else "val")
-    return validate_rows(rows, f"task.{split}")
+def load_split(task_cfg, split: str, seed: int, model_dir: str | None = None) -> list[dict]:
+    """The rows of task.train or task.val: a dataset file's rows (rl/data/files.py), or synthetic rows
+    generated in code; with task.max_prompt_length, without the overlong prompts, counted with the
+    tokenizer of `model_dir`. `task_cfg` is an rl.config.TaskConfig, its DictConfig or a plain dict.
+    Each call gets its own row dicts (the driver adds image codes to them)."""
+    file = _setting(task_cfg, f"{split}_file")
+    reading = {"prompt_key": _setting(task_cfg, "prompt_key", "prompt"),
+               "answer_key": _setting(task_cfg, "answer_key", "answer"),
+               "format": _setting(task_cfg, "format")}
+    max_len = _setting(task_cfg, "max_prompt_length")
+    filter_overlong = _setting(task_cfg, "filter_overlong_prompts", True)
+    counts = dict(_setting(task_cfg, split) or {})
+    source_key = _fingerprint(Path(file).expanduser()) if file is not None else (tuple(sorted(counts.items())), seed)
+    key = (split, source_key, *reading.values(), max_len, filter_overlong, model_dir if max_len is not None else None)
+    if key not in _LOADED:
+        if file is not None:
+            rows, source = load_file(file, split, **reading), str(file)
+        else:
+            source = f"task.{split}"
+            rows = validate_rows(make_mixture(counts, seed=seed, split="train" if split == "train" else "val"), source)
+        if max_len is not None:
+            rows = drop_overlong(rows, source, max_len, filter_overlong, model_dir)
+        while len(_LOADED) >= _LOADED_MAX:
+            del _LOADED[next(iter(_LOADED))]
+        _LOADED[key] = rows
+    return [dict(r) for r in _LOADED[key]]
+
+
+def _setting(task_cfg, key: str, default=None):
+    if isinstance(task_cfg, Mapping):  # a dict or DictConfig
+        return task_cfg.get(key, default)
+    return getattr(task_cfg, key, default)
+
+
+def _fingerprint(path: Path) -> tuple:
+    # Path, size and modification time of the file, or of every file in a save_to_disk folder: an edited
+    # file is read again.
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    return (str(path.resolve()), *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+def drop_overlong(rows: list[dict], source: str, max_len: int, filter_overlong: bool,
+                  model_dir: str | None) -> list[dict]:
+    """Rows whose chat-templated prompt is at most `max_len` tokens (verl's data.filter_overlong_prompts);
+    the dropped ones are counted in a warning. Without filtering, an overlong prompt is an error. Image
+    rows count their text only: their image codes are a fixed number of tokens added later."""
+    if model_dir is None:
+        raise ValueError("task.max_prompt_length: counting prompt tokens needs the model's tokenizer "
+                         "(load_split(..., model_dir=...))")
+    from rl.data.encode import encode_prompts
+    from rl.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    lengths = []
+    for lo in range(0, len(rows), 256):  # in chunks, so padding stays small
+        _, mask = encode_prompts(tokenizer, [r["prompt"] for r in rows[lo:lo + 256]])
+        lengths += mask.sum(1).tolist()
+    over = [i for i, n in enumerate(lengths) if n > max_len]
+    if not over:
+        return rows
+    if not filter_overlong:
+        i = over[0]
+        raise ValueError(f"{source}: row {i} prompt is {lengths[i]} tokens, longer than task.max_prompt_length="
+                         f"{max_len} ({len(over)} such rows; task.filter_overlong_prompts=true drops them)")
+    if len(over) == len(rows):
+        raise ValueError(f"{source}: every prompt is longer than task.max_prompt_length={max_len} tokens (the "
+                         f"shortest is {min(lengths)})")
+    log.warning("%s: dropped %d of %d rows whose prompt is longer than task.max_prompt_length=%d tokens (the "
+                "longest is %d)", source, len(over), len(rows), max_len, max(lengths))
+    dropped = set(over)
+    return [r for i, r in enumerate(rows) if i not in dropped]
 
 
 def _is_image_row(row: dict) -> bool:

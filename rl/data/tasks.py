@@ -1,4 +1,4 @@
-"""Synthetic verifiable tasks generated in code, and loading/validation of task rows.
+"""Synthetic verifiable tasks generated in code, and the check of task rows (files: rl/data/files.py).
 
 A task row is a dict with at least `prompt` (user message), `answer` (ground truth checked by a
 reward) and `task` (its name); `solution` is a reference completion used for SFT. Countdown rows
@@ -6,9 +6,7 @@ also carry `numbers` and `target`.
 """
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 from rl.data import shapes
 
@@ -156,24 +154,3 @@ def validate_rows(rows: list[dict], source: str, lines: list[int] | None = None)
             raise ValueError(f"{where} (mode {mode!r}) needs an image: key 'image' (a file path), "
                              f"'image_codes' or 'scene'")
     return rows
-
-
-def load_jsonl(path: str | Path, default_task: str | None = None) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"task file {str(path)!r} does not exist")
-    rows, lines = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if isinstance(row, dict):
-                row.setdefault("task", default_task or path.stem)
-                row["answer"] = str(row["answer"]) if isinstance(row.get("answer"), (int, float)) else row.get("answer")
-            rows.append(row)
-            lines.append(lineno)
-    return validate_rows(rows, str(path), lines)
