@@ -255,5 +255,6 @@ def test_a_training_checkpoint_is_a_model_path(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ValueError, match="damaged.*model.safetensors"):
         resolve_model_dir(newest)
+    older = tmp_path / "run" / "checkpoints" / "global_step_2"
     with pytest.warns(UserWarning, match="global_step_4 is damaged"):  # the run falls back to step 2
-        assert resolve_model_dir(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "global_step_2" / "actor" / "hf"
+        assert resolve_model_dir(tmp_path / "run") == older / "actor" / "hf"
