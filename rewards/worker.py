@@ -9,8 +9,9 @@ from typing import Any
 
 from rewards.combine import WeightedReward
 
-# Row keys that are not reward columns.
-_NOT_COLUMNS = ("prompt", "solution", "images")
+# Row keys that are not reward columns: the prompt is passed on its own, and `images` is the column of
+# generated images (decoded here). `solution` is one: TRL's math datasets keep the ground truth there.
+_NOT_COLUMNS = ("prompt", "images")
 
 
 def columns_of(rows: Sequence[dict]) -> dict[str, list[Any]]:

@@ -114,6 +114,19 @@ def test_trl_extra_columns_reach_the_rewards_as_plain_lists(tmp_path):
     assert all(type(s) is list and type(s[0]) is str for s in columns_of(parquet_rows)["solution_steps"])
 
 
+def test_a_trl_solution_column_reaches_a_trl_reward(tmp_path):
+    # TRL's accuracy_reward(completions, solution, **kwargs): the ground truth is the `solution` column.
+    from rewards.registry import Reward
+
+    def accuracy_reward(completions, solution, **kwargs):
+        return [float(c.strip() == s) for c, s in zip(completions, solution)]
+
+    records = [{"prompt": "1+1?", "answer": "2", "solution": "2"}, {"prompt": "2+2?", "answer": "4", "solution": "4"}]
+    rows = load_file(write_jsonl(tmp_path / "trl.jsonl", records))
+    reward = Reward("accuracy_reward", accuracy_reward, "trl")
+    assert reward([r["prompt"] for r in rows], ["2", "5"], **columns_of(rows)) == [1.0, 0.0]
+
+
 def test_renamed_and_dotted_columns(tmp_path):
     records = [{"question": "1+1?", "target": 2, "gt": {"value": "2", "kind": "int"}}]
     f = write_parquet(tmp_path / "renamed.parquet", records)
