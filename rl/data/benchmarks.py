@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from rewards._common import last_boxed_content
 from rl.data.sudoku import check_pair, sudoku_row
 
 # The two eval prompts share these parts (pieced together: d1's texts have lines too long and
@@ -97,8 +98,16 @@ def gsm8k(record: dict) -> dict:
 
 
 def math500(record: dict) -> dict:
-    """HuggingFaceH4/MATH-500: `problem`, `answer` (the final answer, LaTeX)."""
-    problem, answer = _text(record, "problem"), _text(record, "answer")
+    """HuggingFaceH4/MATH-500: `problem`, `answer` (the final answer, LaTeX). A MATH record with
+    `solution` and no `answer` (d1 trains on such: ankner/math-500's train split) has the last
+    `\\boxed{}` of its solution as the answer, as d1's correctness_reward_func_math reads it."""
+    problem = _text(record, "problem")
+    if "answer" in record or "solution" not in record:
+        answer = _text(record, "answer").strip()
+    else:
+        answer = last_boxed_content(_text(record, "solution"))
+        if answer is None or not answer.strip():
+            raise ValueError("column 'solution': no \\boxed{...} answer in it (and no 'answer' column)")
     return {"prompt": f"{MATH500_PROMPT}\n\n{problem}", "answer": answer.strip(), "task": "math500"}
 
 
