@@ -19,6 +19,7 @@ from rewards.registry import (
     register_reward,
 )
 from rewards.sandbox import JobResult, SubprocessPool
+from rewards.sudoku import SudokuReward, extract_grid, sudoku_score
 
 __all__ = [
     "PRESETS", "RewardSpec", "WeightedReward", "check_reward_config", "preset",
@@ -28,4 +29,5 @@ __all__ = [
     "Reward", "RewardResult", "RewardValueError", "available_rewards", "build_reward", "check_reward", "component_key",
     "load_reward", "register_reward",
     "JobResult", "SubprocessPool",
+    "SudokuReward", "extract_grid", "sudoku_score",
 ]

@@ -62,6 +62,7 @@ from rewards.clip import ClipReward
 from rewards.countdown import CountdownReward
 from rewards.format import FormatReward
 from rewards.math_reward import MathReward
+from rewards.sudoku import SudokuReward
 
 SHAPES = ("trl", "verl")
 # numpy.finfo(numpy.float32).max: rewards become float32 tensors in training.
@@ -78,6 +79,7 @@ _REGISTRY: dict[str, Callable[..., Callable]] = {
     "math": MathReward,
     "format": FormatReward,
     "countdown": CountdownReward,
+    "sudoku": SudokuReward,
     "clip": ClipReward,
 }
 

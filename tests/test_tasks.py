@@ -28,8 +28,8 @@ def test_mixture_contains_each_task():
 
 
 def test_unknown_task_and_split():
-    with pytest.raises(ValueError, match="unknown task 'sudoku'"):
-        make_rows("sudoku", 1)
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        make_rows("chess", 1)
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         make_rows("arithmetic", 1, split="dev")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from rl.data import shapes
+from rl.data import shapes, sudoku
 
 NAMES = ["Ann", "Ben", "Cal", "Dee", "Eva", "Finn", "Gus", "Hana",
          "Ivy", "Jon", "Kai", "Lea", "Max", "Nia", "Omar", "Pia"]
@@ -82,7 +82,7 @@ def _countdown(rng: random.Random) -> dict:
 
 # Multimodal (rl/data/shapes.py): "t2i" draws the captioned scene, "shapes_qa" answers a counting
 # question about a scene shown as image codes.
-GENERATORS = {"arithmetic": _arithmetic, "countdown": _countdown,
+GENERATORS = {"arithmetic": _arithmetic, "countdown": _countdown, "sudoku": sudoku.generate,
               "t2i": shapes.t2i_row, "shapes_qa": shapes.reasoning_row}
 # Split seeds are far apart so train and held-out rows come from disjoint random streams.
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
