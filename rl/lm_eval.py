@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ except ImportError as e:  # an optional extra: training never needs it
 from rl.data.encode import decode_answers
 from rl.models import load_checkpoint, resolve_model_dir
 from rl.models.tokenizer import end_token_ids
+from rollout.fast import FastSamplerConfig
 from rollout.rollout import image_offset, sample, sampler_config
 from rollout.sampler import exclude_non_text, guided_logits
 
@@ -56,6 +57,9 @@ class DiffusionLM(LM):
                              "(each model call scores batch_size of the Monte-Carlo samples)")
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)} (or unset: the checkpoint's)")
+        unknown = sorted(set(sampler_keys) - {f.name for f in fields(FastSamplerConfig)})
+        if unknown:
+            raise ValueError(f"dllm_rl takes no model_args {unknown} (docs/LM_EVAL.md lists them)")
         self.path = resolve_model_dir(pretrained)
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's CLI passes --device, default cuda:0, to every model; a CPU machine still runs

@@ -101,11 +101,6 @@ def test_rolling_loglikelihood_is_refused_by_design(lm):
         lm.loglikelihood_rolling([request("loglikelihood_rolling", "some text")])
 
 
-def test_mc_num_must_be_a_multiple_of_batch_size():
-    with pytest.raises(ValueError, match="mc_num=6"):
-        DiffusionLM(pretrained=str(TINY_CHECKPOINT), mc_num=6, batch_size=4)
-
-
 def test_import_without_lm_eval_names_the_extra(monkeypatch):
     import importlib
 
@@ -114,3 +109,10 @@ def test_import_without_lm_eval_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "rl.lm_eval")
     with pytest.raises(ImportError, match=r"pip install -e \.\[eval\]"):
         importlib.import_module("rl.lm_eval")
+
+
+def test_bad_model_args_are_named():
+    with pytest.raises(ValueError, match="mc_num=6"):
+        DiffusionLM(pretrained=str(TINY_CHECKPOINT), mc_num=6, batch_size=4)
+    with pytest.raises(ValueError, match="gen_lenght"):
+        DiffusionLM(pretrained=str(TINY_CHECKPOINT), gen_lenght=64)
