@@ -29,7 +29,7 @@ from rl.models import load_checkpoint, resolve_model_dir
 from rl.models.tokenizer import end_token_ids
 from rollout.fast import FastSamplerConfig
 from rollout.rollout import image_offset, sample, sampler_config
-from rollout.sampler import exclude_non_text, guided_logits
+from rollout.sampler import SamplerConfig, exclude_non_text, guided_logits
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,7 +57,9 @@ class DiffusionLM(LM):
                              "(each model call scores batch_size of the Monte-Carlo samples)")
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)} (or unset: the checkpoint's)")
-        unknown = sorted(set(sampler_keys) - {f.name for f in fields(FastSamplerConfig)})
+        # the fast sampler's own keys; the shared ones (gen_length, cfg_scale, ...) are named arguments
+        fast_only = {f.name for f in fields(FastSamplerConfig)} - {f.name for f in fields(SamplerConfig)}
+        unknown = sorted(set(sampler_keys) - fast_only)
         if unknown:
             raise ValueError(f"dllm_rl takes no model_args {unknown} (docs/LM_EVAL.md lists them)")
         self.path = resolve_model_dir(pretrained)

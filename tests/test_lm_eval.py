@@ -116,3 +116,5 @@ def test_bad_model_args_are_named():
         DiffusionLM(pretrained=str(TINY_CHECKPOINT), mc_num=6, batch_size=4)
     with pytest.raises(ValueError, match="gen_lenght"):
         DiffusionLM(pretrained=str(TINY_CHECKPOINT), gen_lenght=64)
+    with pytest.raises(ValueError, match="cfg_scale"):  # `cfg` is its name here, as in LLaDA's script
+        DiffusionLM(pretrained=str(TINY_CHECKPOINT), cfg_scale=0.5)
