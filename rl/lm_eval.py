@@ -247,11 +247,26 @@ class DiffusionLM(LM):
             x[0, P + j] = x0[j]
         return True
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError(
-            "dllm_rl: loglikelihood_rolling (lm-eval's perplexity tasks: wikitext, *_ppl, ...) is not supported: "
-            "a masked diffusion LM has no left-to-right factorisation to score a text token by token. Use "
-            "multiple_choice tasks (loglikelihood: the Monte-Carlo bound) or generate_until tasks instead.")
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """A lower bound on log p(text) for lm-eval's perplexity tasks: the text is cut into lm-eval's
+        disjoint rolling windows of up to max_length tokens, each conditioned on the tokens before it,
+        and the windows' Monte-Carlo bounds are added (the chain rule carries over to the bounds). A
+        masked diffusion LM has no exact token-by-token likelihood, so perplexities from it are upper
+        bounds and compare only between diffusion models scored the same way."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        bos = self.tokenizer.bos_token_id
+        bos = self.tokenizer.eos_token_id if bos is None else bos
+        out = []
+        for req in tqdm(requests, desc="dllm_rl loglikelihood_rolling", disable=disable_tqdm):
+            ids = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
+            total = 0.0
+            for prefix, target in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=ids, prefix_token=bos, max_seq_len=self.max_length, context_len=1)):
+                total += self._mc_loglikelihood(list(prefix), list(target), torch.Generator().manual_seed(self.seed))
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval")
 
@@ -96,9 +97,17 @@ def test_plain_context_has_no_chat_template(lm):
     assert lm.encode(templated) == lm.tokenizer(templated, add_special_tokens=False)["input_ids"]
 
 
-def test_rolling_loglikelihood_is_refused_by_design(lm):
-    with pytest.raises(NotImplementedError, match="masked diffusion"):
-        lm.loglikelihood_rolling([request("loglikelihood_rolling", "some text")])
+def test_rolling_loglikelihood_adds_the_bounds_of_its_windows(lm):
+    text = make_rows("arithmetic", 1, split="test")[0]["solution"]
+    (whole,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", text)])
+    assert whole == lm.loglikelihood([request("loglikelihood", "", text)])[0][0] < 0  # one window: [BOS] + text
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    short = DiffusionLM(pretrained=str(TINY_CHECKPOINT), mc_num=8, batch_size=4, max_length=len(ids) // 2 + 1)
+    (split,) = short.loglikelihood_rolling([request("loglikelihood_rolling", text)])
+    # lm-eval's first window: [BOS] -> the first max_length tokens; the rest add their own negative bounds
+    first = short._mc_loglikelihood([lm.tokenizer.bos_token_id], ids[:short.max_length],
+                                    torch.Generator().manual_seed(short.seed))
+    assert split < first < 0
 
 
 def test_import_without_lm_eval_names_the_extra(monkeypatch):
