@@ -5,12 +5,16 @@ import json
 import struct
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .llada import LLaDAConfig, LLaDAModelLM
 
+# The Auto classes LLaDA-8B's config.json maps to its LLaDAModelLM (auto_map: AutoConfig, AutoModel,
+# AutoModelForCausalLM), so code written for LLaDA loads this one after `import rl.models`, with no
+# trust_remote_code. (Despite the class name, LLaDA's forward is bidirectional, as this one is.)
 AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
 AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+AutoModelForCausalLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
 
 TINY_CHECKPOINT = Path(__file__).resolve().parents[2] / "recipes" / "assets" / "tiny-llada"
 
