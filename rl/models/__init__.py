@@ -69,7 +69,8 @@ def check_checkpoint_dir(path: str | Path) -> Path:
 
 def check_model_files(path: str | Path) -> Path:
     """check_checkpoint_dir, plus what would otherwise fail deep inside an actor: config.json must
-    parse and describe a valid LLaDAConfig (positive sizes, heads dividing d_model, ...), and every
+    parse and describe a valid LLaDAConfig (positive sizes, heads dividing d_model, ..., and only the
+    LLaDA settings this model computes: block_type llama, rms norms, RoPE, no dropout, ...), and every
     *.safetensors file's header must parse with each tensor's bytes inside the file. Reads only
     config.json and the headers (kilobytes, even for an 8B checkpoint), never a tensor."""
     path = check_checkpoint_dir(path)
