@@ -5,12 +5,16 @@ import json
 import struct
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .llada import LLaDAConfig, LLaDAModelLM
 
+# The Auto classes LLaDA-8B's config.json maps to its LLaDAModelLM (auto_map: AutoConfig, AutoModel,
+# AutoModelForCausalLM), so code written for LLaDA loads this one after `import rl.models`, with no
+# trust_remote_code. (Despite the class name, LLaDA's forward is bidirectional, as this one is.)
 AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
 AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+AutoModelForCausalLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
 
 TINY_CHECKPOINT = Path(__file__).resolve().parents[2] / "recipes" / "assets" / "tiny-llada"
 
@@ -65,7 +69,8 @@ def check_checkpoint_dir(path: str | Path) -> Path:
 
 def check_model_files(path: str | Path) -> Path:
     """check_checkpoint_dir, plus what would otherwise fail deep inside an actor: config.json must
-    parse and describe a valid LLaDAConfig (positive sizes, heads dividing d_model, ...), and every
+    parse and describe a valid LLaDAConfig (positive sizes, heads dividing d_model, ..., and only the
+    LLaDA settings this model computes: block_type llama, rms norms, RoPE, no dropout, ...), and every
     *.safetensors file's header must parse with each tensor's bytes inside the file. Reads only
     config.json and the headers (kilobytes, even for an 8B checkpoint), never a tensor."""
     path = check_checkpoint_dir(path)

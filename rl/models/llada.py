@@ -36,6 +36,54 @@ class DiffusionLMOutput(ModelOutput):
     kv: KVCache | None = None  # this call's keys/values for its own positions (return_kv=True)
 
 
+# The fields of LLaDA's own configuration (GSAI-ML/LLaDA-8B-Instruct configuration_llada.py, ModelConfig),
+# beyond the shapes LLaDAConfig.__init__ names, with LLaDA-8B-Instruct's config.json values. LLaDA's
+# LLaDAModelLM copies every ModelConfig field from its config, so a config.json that leaves one out gets
+# ModelConfig's GPT-2-era default there (block_type "sequential", rope false, layer_norm_type "default",
+# dropouts 0.1): a different network. Saving them all keeps an export loadable by LLaDA's code as well.
+#
+# REQUIRED: the one value of each field that this model computes; any other is rejected, never ignored.
+REQUIRED = {
+    "block_type": "llama",            # pre-norm block, separate q/k/v projections, SwiGLU with up_proj
+    "activation_type": "silu",        # the gate of that SwiGLU ("swiglu" would split ff_proj in halves)
+    "layer_norm_type": "rms",
+    "layer_norm_with_affine": True,   # norms have a weight
+    "rope": True,
+    "rope_full_precision": True,      # rope_cos_sin / apply_rope rotate in float32
+    "alibi": False,
+    "attention_layer_norm": False,    # no q/k norms
+    "include_qkv_bias": False,
+    "input_emb_norm": False,          # no sqrt(d_model) scaling of the embeddings
+    "scale_logits": False,
+    "block_group_size": 1,            # >1 renames parameters to block_groups.{g}.{i}
+    "attention_dropout": 0.0,         # the model has no dropout: a nonzero rate would train another model
+    "residual_dropout": 0.0,
+    "embedding_dropout": 0.0,
+}
+# INERT: read by LLaDA only for what this class does not do (initialising fresh weights, device and
+# precision of its own training, flash-attn dispatch, ALiBi and q/k-norm options that the REQUIRED values
+# switch off, a key/value cache LLaDA's forward refuses). Kept as given so an export says what LLaDA's
+# code will read; this class initialises fresh weights from normal(init_std) whatever init_fn says.
+INERT = {
+    "alibi_bias_max": 8.0,
+    "attention_layer_norm_with_affine": True,
+    "flash_attention": False,
+    "init_cutoff_factor": None,
+    "init_device": "meta",
+    "init_fn": "mitchell",
+    "precision": "amp_bf16",
+    "use_cache": False,
+}
+# Every LLaDA field: the above, the shapes and ids LLaDAConfig.__init__ takes (mlp_ratio only sizes the MLP
+# when mlp_hidden_size is null), eos/pad ids, and the two with a rule of their own (see __init__).
+LLADA_FIELDS = frozenset(REQUIRED) | frozenset(INERT) | {
+    "d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_ratio", "mlp_hidden_size", "max_sequence_length",
+    "rope_theta", "rms_norm_eps", "vocab_size", "embedding_size", "weight_tying", "include_bias",
+    "init_std", "mask_token_id", "eos_token_id", "pad_token_id", "multi_query_attention", "bias_for_layer_norm",
+}
+LLADA_EOS_ID = 126081  # LLaDA-8B's <|endoftext|>, also its padding
+
+
 class LLaDAConfig(PretrainedConfig):
     model_type = "llada"
 
@@ -45,7 +93,7 @@ class LLaDAConfig(PretrainedConfig):
         n_heads: int = 32,
         n_kv_heads: int | None = None,
         n_layers: int = 32,
-        mlp_hidden_size: int = 12288,
+        mlp_hidden_size: int | None = 12288,
         rope_theta: float = 500000.0,
         rms_norm_eps: float = 1e-5,
         vocab_size: int = 126464,
@@ -57,12 +105,26 @@ class LLaDAConfig(PretrainedConfig):
         include_bias: bool = False,
         codebook_size: int = 0,
         num_vq_tokens: int = 0,
+        mlp_ratio: int = 4,
+        multi_query_attention: bool | None = None,
+        bias_for_layer_norm: bool | None = False,
         **kwargs,
     ):
         self.d_model = d_model
         self.n_heads = n_heads
-        self.n_kv_heads = n_kv_heads if n_kv_heads is not None else n_heads
+        # LLaDA's effective_n_kv_heads: multi_query_attention, when set, means 1 (true) or n_heads (false)
+        # key/value heads, and must agree with an n_kv_heads given alongside it.
+        self.multi_query_attention = multi_query_attention
+        implied = None if multi_query_attention is None else 1 if multi_query_attention else n_heads
+        self.n_kv_heads = n_kv_heads if n_kv_heads is not None else implied if implied is not None else n_heads
         self.n_layers = n_layers
+        self.mlp_ratio = mlp_ratio
+        # LLaDA sizes the MLP as mlp_ratio * d_model only when mlp_hidden_size is null (LLaDA-8B sets both:
+        # 12288 and 4, and 12288 is what its weights have).
+        if mlp_hidden_size is None:
+            if not _number(mlp_ratio) or not isinstance(mlp_ratio, int) or mlp_ratio < 1:
+                fail("LLaDAConfig.mlp_ratio", mlp_ratio, "expected a positive integer (mlp_hidden_size is null)")
+            mlp_hidden_size = mlp_ratio * d_model
         self.mlp_hidden_size = mlp_hidden_size
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
@@ -73,14 +135,21 @@ class LLaDAConfig(PretrainedConfig):
         self.max_sequence_length = max_sequence_length
         self.init_std = init_std
         self.include_bias = include_bias
+        # null inherits include_bias in LLaDA's norms: no bias either way here.
+        self.bias_for_layer_norm = bias_for_layer_norm
         # Unified tokens (MMaDA): the last `codebook_size` vocabulary rows are image codes, so image code c
         # is token id image_token_offset + c; `num_vq_tokens` codes make one image (MMaDA-8B: 8192 codes,
         # 1024 tokens per 512 px image). 0 = a text-only model.
         self.codebook_size = codebook_size
         self.num_vq_tokens = num_vq_tokens
+        for key, value in {**REQUIRED, **INERT}.items():
+            setattr(self, key, kwargs.pop(key, value))
+        kwargs.setdefault("eos_token_id", LLADA_EOS_ID)
+        kwargs.setdefault("pad_token_id", LLADA_EOS_ID)
         kwargs.setdefault("tie_word_embeddings", weight_tying)
         super().__init__(**kwargs)
         self.validate_shape()
+        self.validate_architecture()
 
     def validate_shape(self) -> None:
         def bad(key, why):
@@ -110,10 +179,31 @@ class LLaDAConfig(PretrainedConfig):
         if self.include_bias:
             bad("include_bias", "LLaDA checkpoints have no biases; only False is supported")
 
+    def validate_architecture(self) -> None:
+        """LLaDA's switches that change the network: only the values this model implements pass."""
+        for key, want in REQUIRED.items():
+            value = getattr(self, key)
+            # type too, so that true never passes for 1 nor 0 for false
+            if value != want or (type(value) is not type(want) and not (isinstance(want, float) and _number(value))):
+                fail(f"LLaDAConfig.{key}", value, f"only {want!r} is supported (LLaDA-8B's value)")
+        if self.multi_query_attention is not None:
+            implied = 1 if self.multi_query_attention else self.n_heads
+            if not isinstance(self.multi_query_attention, bool) or self.n_kv_heads != implied:
+                fail("LLaDAConfig.multi_query_attention", self.multi_query_attention,
+                     f"means {implied} key/value heads but n_kv_heads={self.n_kv_heads}; "
+                     "null (LLaDA-8B's value) lets n_kv_heads alone decide")
+        if self.bias_for_layer_norm not in (None, False):
+            fail("LLaDAConfig.bias_for_layer_norm", self.bias_for_layer_norm,
+                 "norms have no bias here; only false or null is supported")
+
     @property
     def image_token_offset(self) -> int:
         """Token id of image code 0 (= the text vocabulary size)."""
         return self.vocab_size - self.codebook_size
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class RMSNorm(nn.Module):
