@@ -249,3 +249,13 @@ def test_config_check_names_a_bad_file_and_the_driver_reuses_the_rows(tmp_path, 
     assert [r["answer"] for r in rows] == ["2", "4", "6"]
     rows[0]["image_codes"] = [1]  # the driver's additions stay its own
     assert "image_codes" not in load_split(cfg.task, "train", cfg.seed, model_dir=str(TINY_CHECKPOINT))[0]
+
+
+def test_d1_sudoku_csv_keeps_leading_zeros_and_names_a_short_row(tmp_path):
+    puzzle, solution = "0012020003202030", "3412124343212134"  # a grid is text: its leading zeros matter
+    f = tmp_path / "4x4_test_sudoku.csv"
+    f.write_text(f"Puzzle,Solution\n{puzzle},{solution}\n")
+    (row,) = load_file(f, format="sudoku")
+    assert row["puzzle"] == puzzle and row["answer"] == solution and row["task"] == "sudoku"
+    f.write_text(f"Puzzle,Solution\n{puzzle},{solution}\n{puzzle}\n")
+    assert re.match(r".*4x4_test_sudoku\.csv:3: 1 columns where the header has 2$", error(f, format="sudoku"))

@@ -17,13 +17,16 @@ the line of a JSON lines file) and the column.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
 from rl.data.benchmarks import FORMATS
 from rl.data.tasks import validate_rows
 
-FORMS = ".jsonl, .json (a list of objects, or JSON lines), .parquet, or a folder written by datasets' save_to_disk"
+FORMS = (".jsonl, .json (a list of objects, or JSON lines), .parquet, .csv (d1's Sudoku files), or a folder "
+         "written by datasets' save_to_disk")
 # The split of a DatasetDict folder each task file takes, in order of preference.
 SPLITS = {"train": ("train",), "val": ("validation", "test")}
 
@@ -78,6 +81,8 @@ def read_records(path: Path, split: str = "train") -> tuple[list, list[int] | No
         return _read_json(path)
     if suffix == ".parquet":
         return _read_parquet(path), None
+    if suffix == ".csv":
+        return _read_csv(path)
     raise ValueError(f"{path}: unknown kind of task file {suffix or '(no extension)'!r}; expected {FORMS}")
 
 
@@ -117,6 +122,23 @@ def _read_json(path: Path) -> tuple[list, list[int] | None]:
     raise ValueError(f"{path}: a JSON {type(data).__name__}"
                      f"{f' with keys {sorted(data)[:8]}' if isinstance(data, dict) else ''}; expected a list of "
                      "row objects, or JSON lines")
+
+
+def _read_csv(path: Path) -> tuple[list, list[int]]:
+    # Every cell stays a string: a Sudoku grid such as "0012..." is text, and a reader that infers
+    # numbers would drop its leading zeros. Line numbers are the file's (row 1 is the header).
+    text = _text(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        raise ValueError(f"{path}: an empty CSV file (expected a header row)")
+    records, lines = [], []
+    for record in reader:
+        if None in record or None in record.values():
+            raise ValueError(f"{path}:{reader.line_num}: {len(record) - (None in record)} columns where the "
+                             f"header has {len(reader.fieldnames)}")
+        records.append(record)
+        lines.append(reader.line_num)
+    return records, lines
 
 
 def _read_parquet(path: Path) -> list[dict]:
