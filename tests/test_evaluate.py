@@ -10,7 +10,9 @@ import pytest
 
 from rl.config import ConfigError
 from rl.data.tasks import make_rows
-from rl.evaluate import Evaluator, unbiased_pass_at_k
+from rl.evaluate import Evaluator, Generations, unbiased_pass_at_k
+from rl.models import TINY_CHECKPOINT
+from rollout.worker import RolloutWorker, override_sampler
 from tests.conftest import ROOT, compose_cfg
 
 RECORD_KEYS = {"length", "prompt_index", "sample", "prompt", "answer", "completion", "extracted", "score", "reward",
@@ -26,6 +28,41 @@ def test_unbiased_pass_at_k_by_hand():
     assert unbiased_pass_at_k(4, 1, 3) == pytest.approx(1 - 1 / 4)  # 1 - C(3,3)/C(4,3)
     assert unbiased_pass_at_k(5, 0, 3) == 0.0
     assert unbiased_pass_at_k(5, 3, 3) == 1.0  # fewer than k wrong: every draw of 3 holds a correct one
+
+
+def test_a_per_call_sampler_override_keeps_the_rollout_groups_other_keys():
+    fast = {"sampler": "fast", "gen_length": 32, "block_length": 16, "steps": 16, "temperature": 0.9,
+            "remasking": "random", "cache": "dual", "threshold": 0.9, "num_workers": 1, "micro_batch": 0}
+    ref = override_sampler(fast, {"sampler": "reference", "gen_length": 16, "steps": 8, "temperature": 0.0})
+    assert vars(ref) == {"gen_length": 16, "block_length": 16, "steps": 8, "temperature": 0.0,
+                         "remasking": "random", "cfg_scale": 0.0}  # fast-only keys dropped, not refused
+    assert override_sampler(fast, {"threshold": 0.5}).threshold == 0.5
+    with pytest.raises(ValueError, match="takes no \\['threshold'\\]"):
+        override_sampler(fast, {"sampler": "reference", "threshold": 0.5})
+    with pytest.raises(ValueError, match="block_length"):
+        override_sampler(fast, {"gen_length": 24})
+    worker = RolloutWorker(str(TINY_CHECKPOINT), fast)
+    rows = [{"prompt": "1+1?", "answer": "2"}]
+    batch = worker.generate(rows, 2, 0, sampler={"sampler": "reference", "gen_length": 16, "steps": 8})
+    assert batch.answer_ids.shape == (2, 16) and worker.generate(rows, 1, 0).answer_ids.shape[1] <= 32
+
+
+def test_generations_drop_a_torn_line_and_refuse_what_they_cannot_trust(tmp_path):
+    settings = {"model": "m", "samplers": {"16": {"temperature": 0.0}}}
+    Generations(tmp_path, settings).append([{"length": 16, "prompt_index": 0, "sample": 0}])
+    with open(tmp_path / "generations.jsonl", "a") as f:
+        f.write('{"length": 16, "prompt_ind')
+    store = Generations(tmp_path, {**settings, "samplers": {"32": {"temperature": 1.0}}})  # a new length is fine
+    assert list(store.records) == [(16, 0, 0)] and (tmp_path / "generations.jsonl").read_text().endswith("}\n")
+    assert json.loads((tmp_path / "eval_config.json").read_text())["samplers"].keys() == {"16", "32"}
+    with pytest.raises(ConfigError, match="other settings \\(model: 'm' there, 'x' now"):
+        Generations(tmp_path, {**settings, "model": "x"})
+    (tmp_path / "eval_config.json").unlink()
+    with pytest.raises(ConfigError, match="no eval_config.json beside it"):
+        Generations(tmp_path, settings)
+    (tmp_path / "generations.jsonl").write_text("not json\n")
+    with pytest.raises(ConfigError, match="line 1 is damaged"):
+        Generations(tmp_path, settings)
 
 
 @pytest.fixture(scope="module")
