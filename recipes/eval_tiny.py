@@ -3,6 +3,8 @@
     python -m recipes.eval_tiny [--checkpoint DIR] [--n 256] [--k 8]
 
 Prints one JSON object. Defaults: the shipped tiny checkpoint, temperature 0.9, two tokens per step.
+In process, on synthetic rows; a model or checkpoint on a task file, over Ray workers, resumable and
+per generation length: python -m rl.evaluate (rl/evaluate.py, which holds the pass@k used here).
 """
 from __future__ import annotations
 

@@ -60,13 +60,14 @@ def start_ray(rc: DictConfig, device: str) -> None:
 
 
 class Actors:
-    """N rollout workers, M reward workers and K learner ranks in one placement group."""
+    """N rollout workers, M reward workers and K learner ranks in one placement group.
+    learners=False (evaluation, rl/evaluate.py): no learner ranks, K = 0."""
 
-    def __init__(self, cfg: DictConfig, model_path: str, accuracy_keys: list[str]):
+    def __init__(self, cfg: DictConfig, model_path: str, accuracy_keys: list[str], learners: bool = True):
         self.cfg, self.model_path, self.accuracy_keys = cfg, model_path, accuracy_keys
         self.weights = None  # ObjectRef of the newest policy weights, for (re)started rollout workers
         start_ray(cfg.ray, cfg.trainer.device)
-        n, m, k = cfg.rollout.num_workers, cfg.reward.num_workers, cfg.trainer.num_learners
+        n, m, k = cfg.rollout.num_workers, cfg.reward.num_workers, cfg.trainer.num_learners if learners else 0
         gpu = 1 if cfg.trainer.device == "cuda" else 0
         bundles = [{"CPU": 1, "GPU": gpu}] * n + [{"CPU": 1}] * m + [{"CPU": 1, "GPU": gpu}] * k
         bundles = [{r: v for r, v in b.items() if v} for b in bundles]
@@ -88,6 +89,12 @@ class Actors:
         log.info("placement: %s", ", ".join(f"{name}@{nodes[i][:8]}" for i, name in enumerate(names)))
         self.rollout = [self._make_rollout(i) for i in range(n)]
         self.reward = [self._make_reward(i) for i in range(m)]
+        self.learners = self._make_learners(k) if k else []
+        self.pad_id = ray.get(self.rollout[0].pad_id.remote())
+
+    def _make_learners(self, k: int) -> list:
+        cfg, n, m = self.cfg, self.cfg.rollout.num_workers, self.cfg.reward.num_workers
+        gpu = 1 if cfg.trainer.device == "cuda" else 0
         from rl.learner import Learner  # deepspeed: not in the reward workers, which load this module for on_call
 
         addr, port = ray.get(_node_address.options(scheduling_strategy=self._bundle(n + m)).remote())
@@ -95,14 +102,13 @@ class Actors:
         algorithm = {"name": algo["name"], "mu": algo["mu"], **algo["hyper"]}
         optim = OmegaConf.to_container(cfg.trainer.optim)
         lora = OmegaConf.to_container(cfg.model.lora) if cfg.model.lora else None
-        self.learners = [
+        return [
             ray.remote(Learner).options(name=f"learner-{r}", num_cpus=1, num_gpus=gpu,
                                         scheduling_strategy=self._bundle(n + m + r), runtime_env=self._env()).remote(
-                model_path, algorithm, optim, cfg.trainer.zero_stage, r, k, addr, port, lora, cfg.seed,
+                self.model_path, algorithm, optim, cfg.trainer.zero_stage, r, k, addr, port, lora, cfg.seed,
                 cfg.trainer.device)
             for r in range(k)
         ]
-        self.pad_id = ray.get(self.rollout[0].pad_id.remote())
 
     def _bundle(self, index: int):
         return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=index)

@@ -244,6 +244,39 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`python -m rl.evaluate` only (rl.train ignores it). The default is d1's protocol: LLaDA's
+    reference sampler, greedy, low-confidence remasking, blocks of 32, length/2 steps."""
+    lengths: List[int] = field(default_factory=lambda: [128, 256, 512])  # gen_length of each pass over the prompts
+    block_length: int = 32
+    steps: Optional[int] = None  # null = length/2
+    temperature: float = 0.0  # 0 = greedy
+    sampler: str = "reference"  # reference | fast; the rollout group's other keys apply
+    n: int = 1  # samples per prompt
+    k: List[int] = field(default_factory=lambda: [1])  # pass@k reported for each (k <= n)
+    limit: Optional[int] = None  # the first N prompts of task.val; null = all
+    batch_size: int = 16  # prompts per chunk: one rollout call, one seed, appended to generations.jsonl at once
+    output_dir: Optional[str] = None  # null = the Hydra run dir; rerunning on a directory resumes it
+
+    def __post_init__(self):
+        if not self.lengths:
+            _bad("eval.lengths", list(self.lengths), "expected at least one generation length")
+        for length in self.lengths:
+            _int("eval.lengths", length, 1)
+        _int("eval.block_length", self.block_length, 1)
+        if self.steps is not None:
+            _int("eval.steps", self.steps, 1, " (or null: length/2)")
+        _num("eval.temperature", self.temperature, 0, strict=False, why=" (0 = greedy)")
+        _one_of("eval.sampler", self.sampler, SAMPLERS)
+        _int("eval.n", self.n, 1)
+        if not self.k or not all(isinstance(k, int) and 1 <= k <= self.n for k in self.k):
+            _bad("eval.k", list(self.k), f"expected a list of integers in [1, eval.n={self.n}]")
+        if self.limit is not None:
+            _int("eval.limit", self.limit, 1, " (or null: every prompt)")
+        _int("eval.batch_size", self.batch_size, 1)
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -253,6 +286,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
 
 
