@@ -216,9 +216,10 @@ def test_sudoku_reward_malformed_answers_score_zero(text):
     assert score(text) == 0.0
 
 
-def test_sudoku_reward_never_runs_the_answer(tmp_path):
+def test_sudoku_reward_never_runs_the_answer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative marker: digits in the tmp path would be read as cells
     marker = tmp_path / "ran"
-    injection = f"__import__('os').system('touch {marker}'); exec('open(\"{marker}\", \"w\")')"
+    injection = "__import__('os').system('touch ran'); exec('open(\"ran\", \"w\")')"
     assert score(f"<answer>{injection}</answer>") == 0.0
     assert not marker.exists()
     # Only its digits count, as in d1: digits around code are read as cells, never evaluated.
