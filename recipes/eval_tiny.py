@@ -44,21 +44,24 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="answer lengths to evaluate each task at (default: 32 arithmetic, 48 Countdown)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_checkpoint(args.checkpoint)
     result = {"checkpoint": args.checkpoint, "k": args.k, "temperature": args.temperature}
     for task in args.tasks:
-        L = GEN_LENGTH[task]
-        sampler = SamplerConfig(gen_length=L, block_length=16, steps=L // 2, temperature=args.temperature)
         reward, score = scorer(task)
-        t0 = time.time()
+        rows = make_rows(task, args.n, args.seed, "test")
         try:
-            res = pass_at_k(model, tok, make_rows(task, args.n, args.seed, "test"), args.k, sampler, score,
-                            batch_size=128, seed=args.seed)
+            for L in args.lengths or [GEN_LENGTH[task]]:
+                sampler = SamplerConfig(gen_length=L, block_length=16, steps=L // 2, temperature=args.temperature)
+                t0 = time.time()
+                res = pass_at_k(model, tok, rows, args.k, sampler, score, batch_size=128, seed=args.seed)
+                key = task if args.lengths is None else f"{task}@{L}"
+                result[key] = {**res, "sampler": vars(sampler), "seconds": round(time.time() - t0, 1)}
         finally:
             reward.close()
-        result[task] = {**res, "sampler": vars(sampler), "seconds": round(time.time() - t0, 1)}
     print(json.dumps(result, indent=2))
     return result
 
