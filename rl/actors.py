@@ -34,6 +34,10 @@ def _node_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), _free_port()
 
 
+def _rank0_address(strategy) -> tuple[str, int]:
+    return ray.get(_node_address.options(scheduling_strategy=strategy).remote())
+
+
 def _running_key(actor: str) -> str:
     return f"dllm_rl/{actor}/current"
 
@@ -92,23 +96,39 @@ class Actors:
         self.learners = self._make_learners(k) if k else []
         self.pad_id = ray.get(self.rollout[0].pad_id.remote())
 
-    def _make_learners(self, k: int) -> list:
+    def _make_learners(self, k: int, attempts: int = 3) -> list:
         cfg, n, m = self.cfg, self.cfg.rollout.num_workers, self.cfg.reward.num_workers
         gpu = 1 if cfg.trainer.device == "cuda" else 0
         from rl.learner import Learner  # deepspeed: not in the reward workers, which load this module for on_call
 
-        addr, port = ray.get(_node_address.options(scheduling_strategy=self._bundle(n + m)).remote())
         algo = OmegaConf.to_container(cfg.algorithm)
         algorithm = {"name": algo["name"], "mu": algo["mu"], **algo["hyper"]}
         optim = OmegaConf.to_container(cfg.trainer.optim)
         lora = OmegaConf.to_container(cfg.model.lora) if cfg.model.lora else None
-        return [
-            ray.remote(Learner).options(name=f"learner-{r}", num_cpus=1, num_gpus=gpu,
-                                        scheduling_strategy=self._bundle(n + m + r), runtime_env=self._env()).remote(
-                self.model_path, algorithm, optim, cfg.trainer.zero_stage, r, k, addr, port, lora, cfg.seed,
-                cfg.trainer.device)
-            for r in range(k)
-        ]
+        for attempt in range(1, attempts + 1):
+            # The port is free when picked but bound only later, by rank 0's process group; anything
+            # starting on that node meanwhile (Ray's own workers) may take it first. Then all ranks
+            # are started again on another port.
+            addr, port = _rank0_address(self._bundle(n + m))
+            learners = [
+                ray.remote(Learner).options(name=f"learner-{r}", num_cpus=1, num_gpus=gpu,
+                                            scheduling_strategy=self._bundle(n + m + r),
+                                            runtime_env=self._env()).remote(
+                    self.model_path, algorithm, optim, cfg.trainer.zero_stage, r, k, addr, port, lora, cfg.seed,
+                    cfg.trainer.device)
+                for r in range(k)
+            ]
+            try:
+                ray.get([learner.__ray_ready__.remote() for learner in learners])
+                return learners
+            except ray.exceptions.RayActorError as e:
+                for learner in learners:
+                    ray.kill(learner, no_restart=True)
+                if "EADDRINUSE" not in str(e) or attempt == attempts:
+                    raise RuntimeError(f"the learner ranks could not start: {e}") from e
+                log.warning("learner rank 0's port %s:%d was taken before it could listen; starting the learners "
+                            "again on another port", addr, port)
+                _wait_gone([f"learner-{r}" for r in range(k)])
 
     def _bundle(self, index: int):
         return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=index)
@@ -208,13 +228,16 @@ class Actors:
             ray.kill(a, no_restart=True)
         remove_placement_group(self.pg)
         # Names are released asynchronously; a driver started next in the same Ray must find them free.
-        names = [f"{kind}-{i}" for kind, pool in (("rollout", self.rollout), ("reward", self.reward),
-                                                   ("learner", self.learners)) for i in range(len(pool))]
-        deadline = time.monotonic() + 30
-        while names and time.monotonic() < deadline:
-            names = [n for n in names if _actor_alive(n)]
-            if names:
-                time.sleep(0.1)
+        _wait_gone([f"{kind}-{i}" for kind, pool in (("rollout", self.rollout), ("reward", self.reward),
+                                                      ("learner", self.learners)) for i in range(len(pool))])
+
+
+def _wait_gone(names: list[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while names and time.monotonic() < deadline:
+        names = [n for n in names if _actor_alive(n)]
+        if names:
+            time.sleep(0.1)
 
 
 def _deadline(timeout: float | None) -> float | None:

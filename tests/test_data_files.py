@@ -201,8 +201,8 @@ def test_bad_files_are_one_line_naming_the_file(tmp_path):
     garbage = tmp_path / "garbage.parquet"
     garbage.write_bytes(b"not parquet at all")
     assert re.search(r"garbage\.parquet: cannot read it as parquet", error(garbage))
-    assert re.search(r"data\.csv: unknown kind of task file '\.csv'; expected \.jsonl, \.json .*\.parquet",
-                     error(write_jsonl(tmp_path / "data.csv", ROWS)))
+    assert re.search(r"data\.txt: unknown kind of task file '\.txt'; expected \.jsonl, \.json .*\.parquet",
+                     error(write_jsonl(tmp_path / "data.txt", ROWS)))
     (tmp_path / "plain_dir").mkdir()
     assert re.search(r"plain_dir: a folder without the state\.json .*; expected \.jsonl", error(tmp_path / "plain_dir"))
     with pytest.raises(FileNotFoundError, match="does not exist"):

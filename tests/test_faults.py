@@ -122,3 +122,34 @@ def test_the_reward_worker_reports_the_function_it_runs():
     worker = RewardWorker([{"name": "format"}], ["format"], on_call=calls.append)
     worker.score(["q"], ["<think>a</think><answer>1</answer>"], [{"prompt": "q"}])
     assert calls == ["format", None]
+
+
+
+def test_a_learner_port_taken_before_rank_0_listens_starts_the_learners_again(local_ray, tmp_path, caplog,
+                                                                              monkeypatch):
+    import socket
+
+    import rl.actors
+
+    taken = socket.socket()  # another process's listener on the port picked for rank 0
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picked = []
+    real = rl.actors._rank0_address
+
+    def first_the_taken_port(strategy):
+        picked.append(real(strategy) if picked else ("127.0.0.1", taken.getsockname()[1]))
+        return picked[-1]
+
+    monkeypatch.setattr(rl.actors, "_rank0_address", first_the_taken_port)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dllm_rl"):
+            driver = Driver(compose_cfg(*FAST, "trainer.total_steps=1"), tmp_path / "run")
+        try:
+            driver.fit()
+            assert optimizer_steps(driver) == 1
+        finally:
+            driver.close()
+    finally:
+        taken.close()
+    assert len(picked) == 2 and "was taken before it could listen" in caplog.text

@@ -127,16 +127,17 @@ def _read_json(path: Path) -> tuple[list, list[int] | None]:
 def _read_csv(path: Path) -> tuple[list, list[int]]:
     # Every cell stays a string: a Sudoku grid such as "0012..." is text, and a reader that infers
     # numbers would drop its leading zeros. Line numbers are the file's (row 1 is the header).
-    text = _text(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames:
+    reader = csv.reader(io.StringIO(_text(path), newline=""))
+    header = next(reader, None)
+    if not header:
         raise ValueError(f"{path}: an empty CSV file (expected a header row)")
     records, lines = [], []
-    for record in reader:
-        if None in record or None in record.values():
-            raise ValueError(f"{path}:{reader.line_num}: {len(record) - (None in record)} columns where the "
-                             f"header has {len(reader.fieldnames)}")
-        records.append(record)
+    for cells in reader:
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            raise ValueError(f"{path}:{reader.line_num}: {len(cells)} columns where the header has {len(header)}")
+        records.append(dict(zip(header, cells)))
         lines.append(reader.line_num)
     return records, lines
 
