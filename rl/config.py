@@ -77,13 +77,18 @@ class ModelConfig:
     # (config.json + *.safetensors + tokenizer), e.g. a LLaDA-8B-Instruct download.
     path: Optional[str] = None
     dtype: str = "float32"
-    lora: Optional[Dict[str, Any]] = None  # e.g. {r: 16, alpha: 32}; the reference is then the adapter-disabled base
+    # e.g. {r: 16, alpha: 32}; the reference is then the adapter-disabled base. Typed Any, not
+    # Optional[Dict]: OmegaConf cannot assign a command-line dict (model.lora='{r: 16}') to a typed
+    # Optional[Dict] node that holds None; the type is checked below and in rl.learner instead.
+    lora: Any = None
     # Models with image codes (LLaDAConfig.codebook_size > 0): the image tokenizer's directory
     # (rl/models/vq.py; config.json + model.safetensors). null = the shipped tiny VQ.
     image_tokenizer: Optional[str] = None
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        if self.lora is not None and not isinstance(self.lora, dict):
+            _bad("model.lora", self.lora, "expected null or a mapping of LoRA settings, e.g. '{r: 16, alpha: 32}'")
 
 
 @dataclass

@@ -45,6 +45,12 @@ def test_bad_values_get_one_named_message(override, message):
         validate(cfg(override, *extra))
 
 
+def test_lora_is_set_from_the_command_line_as_the_readme_shows():
+    assert validate(cfg("model.lora={r: 128, alpha: 64}")).model.lora == {"r": 128, "alpha": 64}
+    with pytest.raises(ConfigError, match="model.lora=3: expected null or a mapping"):
+        validate(cfg("model.lora=3"))
+
+
 def test_rollout_group_selects_the_sampler():
     assert cfg().rollout.sampler == "fast"
     validate(cfg("rollout=reference"))
