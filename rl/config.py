@@ -346,9 +346,10 @@ def _missing(node, prefix: str = "") -> list[str]:
             for k in _missing(value, f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}".lstrip("."))]
 
 
-def validate(cfg: DictConfig) -> Config:
+def validate(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")) -> Config:
     """Check everything a run needs before any actor starts; returns the config as the schema's
-    dataclasses. Raises one ConfigError naming the key, file or row."""
+    dataclasses. Raises one ConfigError naming the key, file or row. `splits`: the task splits the
+    run reads (an evaluation reads only val)."""
     # A mandatory value left as ??? (e.g. model=mmada_8b without model.path) fails here, by its own
     # name rather than that of a key interpolating it.
     missing = _missing(OmegaConf.to_container(cfg, resolve=False))
@@ -372,7 +373,7 @@ def validate(cfg: DictConfig) -> Config:
         _bad("model.image_tokenizer", tok_dir,
              "expected a directory holding an image tokenizer (config.json + model.safetensors)")
 
-    _check_tasks(c)
+    _check_tasks(c, splits)
     _check_rollout(c.rollout)
 
     tr, n = c.trainer, c.rollout["num_workers"]
@@ -394,12 +395,12 @@ def validate(cfg: DictConfig) -> Config:
     return c
 
 
-def _check_tasks(c: Config) -> None:
+def _check_tasks(c: Config, splits: tuple[str, ...]) -> None:
     from rl.data.files import FORMS
     from rl.data.loader import load_split
     from rl.data.tasks import GENERATORS
 
-    for split in ("train", "val"):
+    for split in splits:
         file, counts = getattr(c.task, f"{split}_file"), getattr(c.task, split)
         if file is None and (not counts or not set(counts) <= set(GENERATORS) or min(counts.values()) < 1):
             _bad(f"task.{split}", counts, f"expected a mapping of task names from {sorted(GENERATORS)} to row "

@@ -174,12 +174,12 @@ class Evaluator:
         from rl.data.loader import has_images, load_split
         from rollout.worker import override_sampler
 
-        validate(cfg)
+        validate(cfg, splits=("val",))  # no training rows needed: task=gsm8k with only task.val_file
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.model_path = model_path(cfg)
         self.accuracy_keys = ([cfg.reward.accuracy] if isinstance(cfg.reward.accuracy, str)
                               else list(cfg.reward.accuracy))
-        self.rows = load_split(cfg.task, "val", cfg.seed)[:cfg.eval.limit]
+        self.rows = load_split(cfg.task, "val", cfg.seed, model_dir=self.model_path)[:cfg.eval.limit]
         if has_images(self.rows):
             raise ConfigError("task.val: rl.evaluate scores text answers; these rows hold images")
         rollout_keys = OmegaConf.to_container(cfg.rollout, resolve=True)
