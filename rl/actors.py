@@ -3,6 +3,7 @@ name the actor that died, restarts and shutdown. The loop that uses them is rl/d
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from ray.experimental import internal_kv
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rewards.worker import RewardWorker
+from rewards.worker import RewardWorker, Scores
+from rl.batch import RolloutBatch
 from rl.config import image_tokenizer_path
 from rl.tracking import quiet_runtime_env
 from rollout.worker import RolloutWorker
@@ -195,6 +197,30 @@ class Actors:
                 continue
             del futures[i]
         return results
+
+    def score(self, batch: RolloutBatch, images: list | None = None) -> tuple[Scores, int]:
+        """Rewards of the batch's answers (`images`: other image codes to score in place of the batch's),
+        and how many samples scored 0 because their reward call ran out of time (reward.on_timeout=zero)."""
+        rows, completions = batch.rows, batch.completions
+        images = batch.images if images is None else images
+        m = len(self.reward)
+        bounds = [len(rows) * i // m for i in range(m + 1)]
+
+        def submit(i, worker):
+            lo, hi = bounds[i], bounds[i + 1]
+            return worker.score.remote([r["prompt"] for r in rows[lo:hi]], completions[lo:hi], rows[lo:hi],
+                                       images[lo:hi]) if hi > lo else None
+
+        rc = self.cfg.reward
+        parts = self.call("reward", submit, timeout=rc.timeout_s, on_timeout=rc.on_timeout)
+        keys = sorted({k for p in parts.values() if p is not None for k in p.components})
+        timeouts = 0
+        for i in [i for i, p in parts.items() if p is None]:
+            n = bounds[i + 1] - bounds[i]
+            # Total 0 (no gradient signal from them); accuracy unknown, so left out of the accuracy means.
+            parts[i] = Scores([0.0] * n, [math.nan] * n, {k: [math.nan] * n for k in keys})
+            timeouts += n
+        return Scores.concat([parts[i] for i in sorted(parts)]), timeouts
 
     def on_learners(self, refs: list) -> list:
         """ray.get of one call per learner rank. A rank that dies ends the run: its optimizer state is

@@ -11,7 +11,6 @@ call past reward.timeout_s is killed; the learner update is never sent twice.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -167,28 +166,7 @@ class Driver:
         return RolloutBatch.concat([parts[i] for i in sorted(parts)], self.actors.pad_id)
 
     def score(self, batch: RolloutBatch, images: list | None = None) -> tuple[Scores, int]:
-        """Rewards of the batch's answers (`images`: other image codes to score in place of the batch's),
-        and how many samples scored 0 because their reward call ran out of time (reward.on_timeout=zero)."""
-        rows, completions = batch.rows, batch.completions
-        images = batch.images if images is None else images
-        m = len(self.actors.reward)
-        bounds = [len(rows) * i // m for i in range(m + 1)]
-
-        def submit(i, worker):
-            lo, hi = bounds[i], bounds[i + 1]
-            return worker.score.remote([r["prompt"] for r in rows[lo:hi]], completions[lo:hi], rows[lo:hi],
-                                       images[lo:hi]) if hi > lo else None
-
-        rc = self.cfg.reward
-        parts = self.actors.call("reward", submit, timeout=rc.timeout_s, on_timeout=rc.on_timeout)
-        keys = sorted({k for p in parts.values() if p is not None for k in p.components})
-        timeouts = 0
-        for i in [i for i, p in parts.items() if p is None]:
-            n = bounds[i + 1] - bounds[i]
-            # Total 0 (no gradient signal from them); accuracy unknown, so left out of the accuracy means.
-            parts[i] = Scores([0.0] * n, [math.nan] * n, {k: [math.nan] * n for k in keys})
-            timeouts += n
-        return Scores.concat([parts[i] for i in sorted(parts)]), timeouts
+        return self.actors.score(batch, images)
 
     def update(self, batch: RolloutBatch) -> dict:
         """mu inner updates on every learner rank. Never retried: an update that ran must not run twice."""

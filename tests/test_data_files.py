@@ -94,6 +94,22 @@ def test_verl_parquet_loads_and_extra_info_reaches_the_reward_as_plain_python(tm
     assert row["task"] == "mine" and row["answer"] == "two"
 
 
+def test_a_structured_verl_ground_truth_reaches_a_verl_reward_unchanged(tmp_path):
+    # verl's Countdown parquet (TinyZero): the ground truth is {"target", "numbers"}, not a string.
+    records = [{**VERL[0], "reward_model": {"ground_truth": {"target": 98, "numbers": [44, 19, 35]}, "style": "rule"}}]
+    rows = load_file(write_parquet(tmp_path / "countdown.parquet", records))
+    assert rows[0]["ground_truth"] == {"numbers": [44, 19, 35], "target": 98}
+    assert json.loads(rows[0]["answer"]) == rows[0]["ground_truth"]
+    plugin = tmp_path / "countdown_reward.py"
+    plugin.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info):\n"
+                      "    return float(eval_free(solution_str) == ground_truth['target'])\n"
+                      "def eval_free(text):\n"
+                      "    return sum(int(x) for x in text.split('+'))\n")
+    out = RewardWorker([{"name": f"{plugin}:compute_score", "key": "cd"}], ["cd"]).score(
+        [r["prompt"] for r in rows], ["44+19+35"], rows)
+    assert out.accuracy == [1.0]
+
+
 def test_verl_images_column(tmp_path):
     none = [{**VERL[0], "images": None}, {**VERL[1], "images": None}]
     assert "images" not in load_file(write_jsonl(tmp_path / "none.jsonl", none))[0]
@@ -173,8 +189,9 @@ def test_overlong_prompts_are_dropped_and_counted_or_refused(tmp_path, caplog):
 @pytest.mark.parametrize("records, message", [
     ([{"prompt": "a", "answer": "1"}, {"question": "b", "answer": "2"}],
      r"bad\.jsonl:2: row 1 has no 'prompt' \(expected a non-empty string or a chat message list\)"),
-    ([{"prompt": "a", "answer": {"value": 1}}],
-     r"bad\.jsonl:1: row 0 column 'answer' is dict \{'value': 1\}, expected a string or a number"),
+    ([{"prompt": "a", "answer": True}],
+     r"bad\.jsonl:1: row 0 column 'answer' is bool True, expected a string, a number or a non-empty structure"),
+    ([{"prompt": "a", "answer": {}}], r"bad\.jsonl:1: row 0 column 'answer' is dict \{\}, expected a string"),
     ([{"prompt": "a", "answer": "1"}, {"prompt": [{"role": "robot", "content": "?"}], "answer": "1"}],
      r"bad\.jsonl:2: row 1 'prompt' message 0 is \{'role': 'robot'"),
 ])

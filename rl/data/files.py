@@ -199,7 +199,13 @@ def _to_row(record: dict, prompt_key: str, answer_key: str, where: str) -> dict:
         raise ValueError(f"{where} has no {prompt_key!r} (expected a non-empty string or a chat message list)")
     row["prompt"] = prompt
     # Copied, not moved: a reward may also read the answer's own column (ground_truth, reward_model, ...).
-    row["answer"] = _answer(record, answer_key, where)
+    answer = _answer(record, answer_key, where)
+    if isinstance(answer, (dict, list)):
+        # A structured ground truth (verl's Countdown: {"target": 98, "numbers": [44, 19, 35]}) reaches a
+        # verl-style reward unchanged as `ground_truth`; `answer` is its JSON text, for logs and generations.
+        row.setdefault("ground_truth", answer)
+        answer = json.dumps(answer, ensure_ascii=False, sort_keys=True)
+    row["answer"] = answer
     return row
 
 
@@ -209,9 +215,9 @@ def _answer(record: dict, key: str, where: str):
         if not isinstance(value, dict) or value.get(part) is None:
             raise ValueError(f"{where} has no {key!r} (expected a non-empty string or a number)")
         value = value[part]
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"{where} column {key!r} is {type(value).__name__} {_short(value)}, expected a string or "
-                         "a number")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, dict, list)) or value in ({}, []):
+        raise ValueError(f"{where} column {key!r} is {type(value).__name__} {_short(value)}, expected a string, "
+                         "a number or a non-empty structure (a verl ground truth such as {target, numbers})")
     return value
 
 
