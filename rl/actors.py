@@ -95,7 +95,12 @@ class Actors:
         log.info("placement: %s", ", ".join(f"{name}@{nodes[i][:8]}" for i, name in enumerate(names)))
         self.rollout = [self._make_rollout(i) for i in range(n)]
         self.reward = [self._make_reward(i) for i in range(m)]
-        self.learners = self._make_learners(k) if k else []
+        self.learners = []
+        try:
+            self.learners = self._make_learners(k) if k else []
+        except BaseException:
+            self.close()  # the workers and the placement group, so that a next run finds their names free
+            raise
         self.pad_id = ray.get(self.rollout[0].pad_id.remote())
 
     def _make_learners(self, k: int, attempts: int = 3) -> list:

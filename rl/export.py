@@ -42,16 +42,9 @@ def _source(checkpoint: str | Path) -> Path:
 def _load(src: Path, dtype: torch.dtype | None):
     from transformers import AutoTokenizer
 
-    from rl.models.llada import LLaDAModelLM
+    from rl.models import load_model
 
-    model, info = LLaDAModelLM.from_pretrained(src, dtype=dtype or "auto", output_loading_info=True)
-    # from_pretrained fills missing tensors with fresh random values and drops unknown ones: either would
-    # export a different model than the checkpoint holds.
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        if info.get(kind):
-            names = sorted(map(str, info[kind]))
-            raise ValueError(f"{str(src)!r}: not a LLaDA checkpoint, {kind.replace('_', ' ')}: "
-                             f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    model = load_model(src, dtype or "auto")  # refuses a checkpoint with missing or unknown tensors
     # The tokenizer as stored (load_tokenizer would switch it to left padding for sampling).
     tok = AutoTokenizer.from_pretrained(src)
     if tok.mask_token_id != model.config.mask_token_id:

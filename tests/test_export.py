@@ -223,7 +223,7 @@ def test_a_crash_leaves_no_export_under_the_final_name(tmp_path, monkeypatch):
      "truncated or not a safetensors file"),
     (lambda d: (shutil.copytree(TINY_CHECKPOINT, d), (d / "config.json").write_text(json.dumps(
         {**json.loads((TINY_CHECKPOINT / "config.json").read_text()), "n_layers": 7}))),
-     "not a LLaDA checkpoint, missing keys: model.transformer.blocks.6"),
+     "not a LLaDA checkpoint this model loads whole; missing keys: model.transformer.blocks.6"),
 ])
 def test_bad_checkpoint_is_a_one_line_error(tmp_path, capsys, make, message):
     src = tmp_path / "src"

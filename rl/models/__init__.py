@@ -113,7 +113,15 @@ def check_safetensors_header(file: Path) -> None:
 def load_model(path: str | Path, dtype=None) -> LLaDAModelLM:
     path = check_checkpoint_dir(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return LLaDAModelLM.from_pretrained(path, **kwargs)
+    model, info = LLaDAModelLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    # from_pretrained fills a missing tensor with fresh random values and drops an unknown one, with a
+    # log line at most: either would train or export another model than the checkpoint holds.
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(kind):
+            names = sorted(map(str, info[kind]))
+            raise ValueError(f"{str(path)!r}: not a LLaDA checkpoint this model loads whole; "
+                             f"{kind.replace('_', ' ')}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    return model
 
 
 def load_tokenizer(path: str | Path):
