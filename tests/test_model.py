@@ -201,3 +201,18 @@ def test_bf16_rotary_matches_llada_full_precision_rope():
         ours, ref = m(input_ids=x).logits, _reference_logits(m, x)
         assert ours.dtype == torch.bfloat16
         assert torch.equal(ours, ref), (ours.float() - ref.float()).abs().max()
+
+
+def test_load_model_refuses_a_checkpoint_it_would_not_load_whole(tmp_path):
+    # transformers would drop the unknown tensor (and fill a missing one with random values) with a log line
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from rl.models import TINY_CHECKPOINT, load_model
+
+    shutil.copytree(TINY_CHECKPOINT, tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    save_file({**weights, "model.transformer.extra.weight": torch.zeros(2)}, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected keys: model.transformer.extra.weight"):
+        load_model(tmp_path / "m")
