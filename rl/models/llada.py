@@ -299,10 +299,15 @@ class LLaDAModelLM(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["LLaDABlock"]
     _supports_sdpa = True
+    # transformers' activation_checkpointing_enable() (gradient_checkpointing_enable()) sets the flag
+    # below and _gradient_checkpointing_func, non-reentrant by default: no input needs a gradient,
+    # so LoRA's frozen embeddings are fine, and ZeRO-3 re-gathers a block's weights on recompute.
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)
         self.model = LLaDAModel(config)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def _init_weights(self, module):
@@ -350,8 +355,12 @@ class LLaDAModelLM(PreTrainedModel):
         if attention_mask is not None and not bool(attention_mask.all()):
             attn_mask = attention_mask.bool()[:, None, None, :]  # keys only: attention is bidirectional
         kv = []
+        # Only a training forward that builds a graph recomputes its blocks in backward; no_grad passes
+        # (old/ref log-probs, every sampler and its key/value caches) run the blocks directly.
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(t.blocks):
-            x, fresh = block(x, cos, sin, attn_mask, None if kv_cache is None else kv_cache[i], cache_span)
+            args = (x, cos, sin, attn_mask, None if kv_cache is None else kv_cache[i], cache_span)
+            x, fresh = self._gradient_checkpointing_func(block.__call__, *args) if checkpointed else block(*args)
             if return_kv:
                 kv.append(fresh)
         if logits_span is not None:
