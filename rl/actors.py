@@ -122,7 +122,9 @@ class Actors:
                                             scheduling_strategy=self._bundle(n + m + r),
                                             runtime_env=self._env()).remote(
                     self.model_path, algorithm, optim, cfg.trainer.zero_stage, r, k, addr, port, lora, cfg.seed,
-                    cfg.trainer.device)
+                    cfg.trainer.device, bf16=cfg.model.dtype == "bfloat16",
+                    gradient_checkpointing=cfg.model.gradient_checkpointing, offload=cfg.trainer.offload,
+                    micro_batch=cfg.trainer.micro_batch, ref_device=cfg.trainer.ref_device)
                 for r in range(k)
             ]
             try:
@@ -151,7 +153,7 @@ class Actors:
         actor = ray.remote(RolloutWorker).options(
             name=f"rollout-{i}", num_cpus=1, num_gpus=gpu, scheduling_strategy=self._bundle(i),
             runtime_env=self._env()).remote(self.model_path, sampler, self.cfg.ray.threads_per_actor,
-                                            self.cfg.trainer.device, r.micro_batch)
+                                            self.cfg.trainer.device, r.micro_batch, self.cfg.model.dtype)
         if self.weights is not None:
             ray.get(actor.load_weights.remote(self.weights))
         return actor

@@ -47,7 +47,8 @@ def _required(key: str):
 
 OmegaConf.register_new_resolver("required", _required, replace=True)
 
-__all__ = ["ConfigError", "Config", "OptimConfig", "build", "validate", "model_path", "image_tokenizer_path"]
+__all__ = ["ConfigError", "Config", "OptimConfig", "build", "check_memory", "validate", "model_path",
+           "image_tokenizer_path"]
 
 
 def _bad(key: str, value, why: str):
@@ -76,7 +77,12 @@ class ModelConfig:
     # null = the tiny checkpoint shipped in recipes/assets/tiny-llada; otherwise a local directory
     # (config.json + *.safetensors + tokenizer), e.g. a LLaDA-8B-Instruct download.
     path: Optional[str] = None
+    # bfloat16 (CUDA only): the learner trains with DeepSpeed bf16 (bf16 weights and activations, fp32
+    # master weights and optimizer states) and rollout workers sample with bf16 weights.
     dtype: str = "float32"
+    # Recompute each block's activations in backward instead of keeping them (non-reentrant
+    # torch.utils.checkpoint): less activation memory for about one more forward per policy pass.
+    gradient_checkpointing: bool = False
     # e.g. {r: 16, alpha: 32}; the reference is then the adapter-disabled base. Typed Any, not
     # Optional[Dict]: OmegaConf cannot assign a command-line dict (model.lora='{r: 16}') to a typed
     # Optional[Dict] node that holds None; the type is checked below and in rl.learner instead.
@@ -87,6 +93,8 @@ class ModelConfig:
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        if not isinstance(self.gradient_checkpointing, bool):
+            _bad("model.gradient_checkpointing", self.gradient_checkpointing, "expected true or false")
         if self.lora is not None and not isinstance(self.lora, dict):
             _bad("model.lora", self.lora, "expected null or a mapping of LoRA settings, e.g. '{r: 16, alpha: 32}'")
 
@@ -187,6 +195,31 @@ class OptimConfig:
         _int("trainer.optim.warmup_steps", self.warmup_steps, 0)
 
 
+OFFLOAD = ("none", "optimizer", "param")
+REF_DEVICES = ("same", "cpu")
+
+
+def check_memory(device: str, zero_stage: int, offload: str, ref_device: str, lora=None,
+                 bf16: bool = False) -> None:
+    """The memory options' rules, shared by validate() and rl.learner.Learner (a direct caller)."""
+    _one_of("trainer.offload", offload, OFFLOAD)
+    _one_of("trainer.ref_device", ref_device, REF_DEVICES)
+    cpu = not str(device).startswith("cuda")
+    if offload != "none" and cpu:
+        _bad("trainer.offload", offload, f"expected none with trainer.device={device} (weights and optimizer "
+             "already live in CPU memory)")
+    if offload == "optimizer" and zero_stage < 1:
+        _bad("trainer.offload", offload, f"needs trainer.zero_stage >= 1, got {zero_stage}")
+    if offload == "param" and zero_stage != 3:
+        _bad("trainer.offload", offload, f"needs trainer.zero_stage=3, got {zero_stage}")
+    if ref_device == "cpu" and lora is not None:
+        _bad("trainer.ref_device", ref_device, "expected same with model.lora (the reference is the policy "
+             "with its adapters disabled, not a copy that could move)")
+    if bf16 and cpu:
+        _bad("model.dtype", "bfloat16", f"expected float32 with trainer.device={device} (bf16 training "
+             "needs CUDA; set trainer.device=cuda)")
+
+
 @dataclass
 class TrainerConfig:
     total_steps: int = 40
@@ -207,6 +240,18 @@ class TrainerConfig:
     logger: List[str] = field(default_factory=lambda: ["console"])
     project: str = "dllm-rl"
     experiment_name: Optional[str] = None  # default: the algorithm name
+    # Memory options (docs/MEMORY.md); all off by default.
+    # ZeRO-Offload on CUDA: optimizer = optimizer states and step on the CPU (DeepSpeedCPUAdam, a C++
+    # op DeepSpeed builds on first use; zero_stage >= 1); param = the weights too (zero_stage 3).
+    # With device=cpu everything already lives in CPU memory, so anything but none is an error.
+    offload: str = "none"
+    # Rows per learner forward/backward (old, reference and policy passes); 0 = this rank's whole
+    # shard at once. The chunks' gradients add up to the one-pass gradient; one optimizer step per
+    # inner step either way.
+    micro_batch: int = 0
+    # cpu: the frozen reference stays in CPU memory when training on CUDA (its log-probs are computed
+    # there and moved over). A no-op with device=cpu; an error with LoRA (the reference is the policy).
+    ref_device: str = "same"
 
     def __post_init__(self):
         for key in ("total_steps", "prompts_per_step", "num_learners", "skip_warn_steps"):
@@ -216,6 +261,8 @@ class TrainerConfig:
         _one_of("trainer.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _one_of("trainer.device", self.device, ("cpu", "cuda"))
         _one_of("trainer.on_actor_failure", self.on_actor_failure, ("retry", "fail"))
+        _int("trainer.micro_batch", self.micro_batch, 0, " (rows per learner pass; 0 = the whole shard)")
+        check_memory(self.device, self.zero_stage, self.offload, self.ref_device)
         if not set(self.logger) <= set(LOGGERS):
             _bad("trainer.logger", list(self.logger), f"expected a list drawn from {list(LOGGERS)}")
 
@@ -383,6 +430,10 @@ def validate(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")) -> Con
         _bad("trainer.prompts_per_step", tr.prompts_per_step,
              f"expected a multiple of trainer.num_learners={tr.num_learners} (each learner rank takes whole groups)")
 
+    check_memory(tr.device, tr.zero_stage, tr.offload, tr.ref_device, c.model.lora, c.model.dtype == "bfloat16")
+    if c.algorithm.name == "wd1" and tr.micro_batch % c.algorithm.group_size:
+        _bad("trainer.micro_batch", tr.micro_batch, f"expected 0 or a multiple of algorithm.group_size="
+             f"{c.algorithm.group_size} (wd1's loss weighs whole groups)")
     _check_rewards(c.reward)
     if tr.resume not in (None, "", "auto", "disable"):
         # Structure only (cheap): rl.checkpoint.resolve_resume hashes the files against the manifest.

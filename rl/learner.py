@@ -17,7 +17,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from rl.batch import RolloutBatch
-from rl.config import OptimConfig, build
+from rl.config import OptimConfig, build, check_memory
 from rl.errors import fail
 from rl.estimators import build_estimator
 from rl.models import check_checkpoint_dir, load_model, load_tokenizer
@@ -54,15 +54,24 @@ def _check_lora(lora: dict | None):
         raise ValueError(f"model.lora: expected peft LoraConfig fields ({e})") from None
 
 
-def _ds_config(zero_stage: int, optim: OptimConfig, cpu: bool, bf16: bool) -> dict:
+def _ds_config(zero_stage: int, optim: OptimConfig, cpu: bool, bf16: bool, offload: str = "none") -> dict:
     lr = optim.lr
+    zero = {"stage": zero_stage}
+    # ZeRO-Offload (CUDA only, rl.config.check_memory): with torch_adam off, DeepSpeed runs the step with
+    # its DeepSpeedCPUAdam (the "cpu_adam" C++ op, built on first use) on the CPU-held fp32 states; a
+    # torch optimizer would need zero_force_ds_cpu_optimizer=false and be far slower there.
+    if offload in ("optimizer", "param"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload == "param":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         # Nominal sizes: DeepSpeed requires them, but batches are fed by update(), not its dataloader,
         # and each backward is its own step (no gradient accumulation across inner steps).
         "train_micro_batch_size_per_gpu": 1,
+        # (micro-batches within one inner step mark the boundary themselves, Learner._accumulate).
         "gradient_accumulation_steps": 1,
         "gradient_clipping": optim.max_grad_norm,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "optimizer": {"type": "AdamW", "params": {
             "lr": lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
@@ -100,7 +109,13 @@ class Learner:
                 defaults {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                 "target_modules": LORA_TARGETS (every block projection, not the LM head)}.
                 With LoRA the reference is the policy with its adapters disabled (no second copy).
-    device:     "cpu" (gloo, fp32) or "cuda[:i]" (nccl); bf16=True trains in bf16 on CUDA.
+    device:     "cpu" (gloo, fp32) or "cuda[:i]" (nccl); bf16=True trains in bf16 on CUDA (DeepSpeed's
+                bf16 optimizer keeps fp32 master weights; weights load in fp32 whatever the checkpoint's dtype).
+    Memory options (rl.config.TrainerConfig, docs/MEMORY.md), checked by rl.config.check_memory:
+    gradient_checkpointing: recompute each block in backward (LLaDAModelLM, non-reentrant).
+    offload:    "none", "optimizer" (ZeRO >= 1) or "param" (ZeRO-3): ZeRO-Offload to the CPU, CUDA only.
+    micro_batch: rows per forward/backward; 0 = the whole shard (rl.update.policy_update).
+    ref_device: "same" or "cpu": the frozen reference in CPU memory while training on CUDA (not with LoRA).
     The process group is created on master_addr:master_port unless one already exists.
 
     Settings arrive checked by rl.config.validate (the driver's path); what a direct caller could
@@ -111,7 +126,9 @@ class Learner:
 
     def __init__(self, model_path: str, algorithm: dict, optim: dict, zero_stage: int, rank: int,
                  world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500,
-                 lora: dict | None = None, seed: int = 0, device: str = "cpu", bf16: bool = False):
+                 lora: dict | None = None, seed: int = 0, device: str = "cpu", bf16: bool = False,
+                 gradient_checkpointing: bool = False, offload: str = "none", micro_batch: int = 0,
+                 ref_device: str = "same"):
         est_kwargs = dict(algorithm)
         name, self.mu = est_kwargs.pop("name"), est_kwargs.pop("mu", 1)
         self.optim = build(OptimConfig, optim, "trainer.optim.")
@@ -123,6 +140,10 @@ class Learner:
         self.device = torch.device(device)
         if bf16 and self.device.type != "cuda":
             fail("bf16", bf16, "expected False on the CPU (fp32 training)")
+        check_memory(device, zero_stage, offload, ref_device, lora)
+        if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 0:
+            fail("micro_batch", micro_batch, "expected an integer >= 0 (rows per pass; 0 = the whole shard)")
+        self.micro_batch = micro_batch
         build_estimator(name, **est_kwargs)  # before the model loads: a bad name or value costs nothing
         check_checkpoint_dir(model_path)
         self.mask_id = AutoConfig.from_pretrained(model_path).mask_token_id
@@ -135,7 +156,10 @@ class Learner:
         # (LoRA's A matrices) must come out identical on every rank.
         torch.manual_seed(seed)
 
-        policy = load_model(model_path)
+        policy = load_model(model_path, torch.float32)
+        if gradient_checkpointing:
+            # On the base model, before peft wraps it; non-reentrant, so LoRA's frozen inputs need no grad.
+            policy.activation_checkpointing_enable({"use_reentrant": False})
         self.peft_model = None
         if lora_config is not None:
             from peft import get_peft_model
@@ -145,10 +169,16 @@ class Learner:
         trainable = [p for p in policy.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(
             model=policy, model_parameters=trainable,
-            config=_ds_config(zero_stage, self.optim, self.device.type == "cpu", bf16))
-        self.ref = None
+            config=_ds_config(zero_stage, self.optim, self.device.type == "cpu", bf16, offload))
+        self.ref, self.ref_device = None, None
         if self.estimator.needs_ref:
-            self.ref = _AdapterDisabled(self.engine, self.peft_model) if self.peft_model else self._load_reference()
+            if self.peft_model:
+                self.ref = _AdapterDisabled(self.engine, self.peft_model)
+            elif ref_device == "cpu" and self.device.type != "cpu":
+                self.ref_device = torch.device("cpu")
+                self.ref = self._load_reference(self.ref_device)
+            else:
+                self.ref = self._load_reference()
 
     def _init_process_group(self, addr: str, port: int) -> bool:
         local = self.device.index if self.device.type == "cuda" and self.device.index is not None else 0
@@ -167,9 +197,10 @@ class Learner:
                                 init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world_size)
         return True
 
-    def _load_reference(self):
-        ref = load_model(self.model_path).to(self.device).eval().requires_grad_(False)
-        if self.zero_stage != 3:
+    def _load_reference(self, device: torch.device | None = None):
+        """The frozen reference on the policy's device, or whole in CPU memory (device=cpu)."""
+        ref = load_model(self.model_path, torch.float32).to(device or self.device).eval().requires_grad_(False)
+        if self.zero_stage != 3 or device is not None:
             return ref.to(torch.bfloat16) if self.bf16 else ref
         # Under ZeRO-3 the policy is sharded because it does not fit on one rank; neither does a
         # full reference, so it is sharded the same way (an optimizer-less engine).
@@ -195,6 +226,17 @@ class Learner:
             fail("batch.groups", B // G, f"expected a multiple of world_size={self.world_size} (whole groups per rank)")
         n = B // self.world_size
         return batch.select(slice(self.rank * n, (self.rank + 1) * n)).to(self.device)
+
+    def _accumulate(self, loss: torch.Tensor) -> None:
+        """Backward of a micro-batch that is not an inner step's last: DeepSpeed keeps its gradients
+        (and, off the boundary, neither reduces them across ranks nor steps); _step's backward, on the
+        boundary again, adds the last micro-batch's and applies them. Losses arrive already weighted
+        (rl.update.loss_share) and gradient_accumulation_steps is 1, so backward rescales nothing."""
+        self.engine.set_gradient_accumulation_boundary(False)
+        try:
+            self.engine.backward(loss)
+        finally:
+            self.engine.set_gradient_accumulation_boundary(True)
 
     def _step(self, loss: torch.Tensor) -> dict:
         self.engine.backward(loss)
@@ -228,7 +270,7 @@ class Learner:
         self.engine.train()
         lr = float(self.engine.get_lr()[0])  # the rate this update starts with, not the next one's
         metrics = policy_update(self.engine, self.ref, self.estimator, part, self.mu, self.mask_id,
-                                self._step, generator)
+                                self._step, generator, self.micro_batch, self._accumulate, self.ref_device)
         metrics["lr"] = lr
         values = torch.tensor([metrics[k] for k in METRICS], dtype=torch.float64, device=self._comm_device)
         dist.all_reduce(values)

@@ -30,9 +30,12 @@ def override_sampler(rollout_cfg: dict, override: dict) -> SamplerConfig:
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, sampler: dict, threads: int = 1, device: str = "cpu", micro_batch: int = 0):
+    def __init__(self, model_path: str, sampler: dict, threads: int = 1, device: str = "cpu", micro_batch: int = 0,
+                 dtype: str = "float32"):
+        """dtype: the weights' dtype (model.dtype; bfloat16 on CUDA); the learner's fp32 weights are cast
+        into it by load_weights."""
         torch.set_num_threads(threads)
-        self.model, self.tokenizer = load_checkpoint(model_path)
+        self.model, self.tokenizer = load_checkpoint(model_path, getattr(torch, dtype))
         self.model.to(device).eval()
         self.sampler_keys, self.sampler = sampler, sampler_config(sampler)
         self.image_sampler = ImageSamplerConfig(**(sampler.get("image") or {}))
