@@ -110,7 +110,7 @@ class Learner:
                 "target_modules": LORA_TARGETS (every block projection, not the LM head)}.
                 With LoRA the reference is the policy with its adapters disabled (no second copy).
     device:     "cpu" (gloo, fp32) or "cuda[:i]" (nccl); bf16=True trains in bf16 on CUDA (DeepSpeed's
-                bf16 optimizer keeps fp32 master weights; weights load in fp32 whatever the checkpoint's dtype).
+                bf16 optimizer keeps fp32 master weights); weights load in that dtype whatever the checkpoint's.
     Memory options (rl.config.TrainerConfig, docs/MEMORY.md), checked by rl.config.check_memory:
     gradient_checkpointing: recompute each block in backward (LLaDAModelLM, non-reentrant).
     offload:    "none", "optimizer" (ZeRO >= 1) or "param" (ZeRO-3): ZeRO-Offload to the CPU, CUDA only.
@@ -156,7 +156,10 @@ class Learner:
         # (LoRA's A matrices) must come out identical on every rank.
         torch.manual_seed(seed)
 
-        policy = load_model(model_path, torch.float32)
+        # model.dtype, whatever the checkpoint stores. DeepSpeed casts a bf16 policy's module to bf16 before
+        # it builds the fp32 masters from it, so loading bf16 loses nothing and halves host memory.
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        policy = load_model(model_path, self.dtype)
         if gradient_checkpointing:
             # On the base model, before peft wraps it; non-reentrant, so LoRA's frozen inputs need no grad.
             policy.activation_checkpointing_enable({"use_reentrant": False})
@@ -199,9 +202,9 @@ class Learner:
 
     def _load_reference(self, device: torch.device | None = None):
         """The frozen reference on the policy's device, or whole in CPU memory (device=cpu)."""
-        ref = load_model(self.model_path, torch.float32).to(device or self.device).eval().requires_grad_(False)
+        ref = load_model(self.model_path, self.dtype).to(device or self.device).eval().requires_grad_(False)
         if self.zero_stage != 3 or device is not None:
-            return ref.to(torch.bfloat16) if self.bf16 else ref
+            return ref
         # Under ZeRO-3 the policy is sharded because it does not fit on one rank; neither does a
         # full reference, so it is sharded the same way (an optimizer-less engine).
         engine, *_ = deepspeed.initialize(model=ref, config={

@@ -185,7 +185,7 @@ def _learner(ckpt, algorithm, zero_stage=0, **kw):
     return Learner(ckpt, algorithm, OPTIM, zero_stage, rank=0, world_size=1, master_port=free_port(), **kw)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("algorithm", [{"name": "unigrpo", "mu": 2, "beta": 0.04},
                                        {"name": "coupled_grpo", "mu": 2}])
 def test_learner_micro_batches_match_one_pass(ckpt, zero_stage, algorithm):
@@ -387,3 +387,18 @@ def test_cuda_memory_options_update(ckpt, kw):
             assert next(lrn.ref.parameters()).device.type == "cpu"
     finally:
         lrn.close()
+
+
+# --- through the driver ---------------------------------------------------------------------------
+
+def test_driver_passes_the_memory_options_to_the_learners(local_ray, tmp_path):
+    from tests.test_train import run
+
+    one_step = ["trainer.total_steps=1", "trainer.save_every=0", "trainer.val_every=0",
+                "trainer.val_before_train=false"]
+    plain = run(tmp_path, *one_step, name="plain")[-1]
+    mem = run(tmp_path, *one_step, "model.gradient_checkpointing=true", "trainer.micro_batch=1",
+              "trainer.ref_device=cpu", name="memory")[-1]
+    # The same rollouts (same seed, same initial weights), hence the same update up to rounding.
+    for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "reward/mean"):
+        assert mem[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
