@@ -108,8 +108,11 @@ def token_logps(
     att = batch.attention_mask.repeat(V, 1)
     logits = _answer_logits(model, x, att, P, L)  # [V*B, L, vocab]
     sel = plan.score.reshape(V * B, L)
-    target = batch.answer_ids.repeat(V, 1)[sel]
-    picked = logits[sel].float()  # [N, vocab]
+    # Rows by index_select, not logits[sel]: the same values, but a boolean index's backward is an
+    # accumulating index_put into a zero [V*B, L, vocab] tensor, which runs element by element on CPU.
+    rows = sel.flatten().nonzero().squeeze(1)
+    target = batch.answer_ids.repeat(V, 1).flatten().index_select(0, rows)
+    picked = logits.flatten(0, 1).index_select(0, rows).float()  # [N, vocab]
     lse = torch.logsumexp(picked, dim=-1)
     lp = picked.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse
     out = torch.zeros(V * B, L, dtype=torch.float32, device=lp.device)
