@@ -43,16 +43,20 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import importlib.util
 import json
 import re
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import yaml
 
+import rl.estimators
 from rl.batch import RolloutBatch
 from rl.estimators import REGISTRY, build_estimator
 from rl.models import TINY_CHECKPOINT
@@ -181,6 +185,34 @@ def recipe_hyper(name: str) -> dict:
     return yaml.safe_load((CONF / f"{name}.yaml").read_text()).get("hyper", {})
 
 
+def load_variant(path: str):
+    """(label, token_logps or None, policy_update or None) from a copy of rl/estimators.py or
+    rl/update.py at another revision, or a file proposing a change to either."""
+    spec = importlib.util.spec_from_file_location(f"bench_variant_{Path(path).stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    tl, pu = getattr(mod, "token_logps", None), getattr(mod, "policy_update", None)
+    if tl is None and pu is None:
+        raise ValueError(f"--variant {path!r}: defines neither token_logps nor policy_update")
+    return Path(path).stem, tl, pu
+
+
+@contextmanager
+def swapped_token_logps(fn):
+    # Estimator.token_logps calls the module's token_logps, so swapping that runs every estimator's
+    # own plan and loss around the variant's forward and log-probs.
+    if fn is None:
+        yield
+        return
+    current = rl.estimators.token_logps
+    rl.estimators.token_logps = fn
+    try:
+        yield
+    finally:
+        rl.estimators.token_logps = current
+
+
 def bench_size(size: str, args, device) -> dict:
     config = model_config(size, args.vocab)
     torch.manual_seed(args.seed)
@@ -193,12 +225,19 @@ def bench_size(size: str, args, device) -> dict:
     batch = synthetic_batch(args.batch, args.prompt_length, args.gen_length, config.vocab_size, mask_id,
                             config.eos_token_id, args.seed).to(device)
     B, T = len(batch), batch.input_ids.shape[1]
-
     mu = args.mu
-    runs = {}
+    variants = [load_variant(v) for v in args.variant]
+
+    # Per estimator: its runs under the current code and under each variant, labelled NAME[@VARIANT].
+    groups: dict[str, dict] = {}
     for name in args.estimators:
         est = build_estimator(name, **recipe_hyper(name), mask_id=mask_id)
-        runs[name] = lambda g, est=est: policy_update(policy, ref, est, batch, mu, mask_id, step, g)
+        groups[name] = {}
+        for label, tl, pu in [("", None, None), *variants]:
+            def run(g, est=est, tl=tl, update=pu or policy_update):
+                with swapped_token_logps(tl):
+                    update(policy, ref, est, batch, mu, mask_id, step, g)
+            groups[name][f"{name}@{label}" if label else name] = run
 
     def base(g, n=mu):
         baseline_update(policy, batch, n, mask_id, step, g)
@@ -207,41 +246,51 @@ def bench_size(size: str, args, device) -> dict:
         return torch.Generator().manual_seed(args.seed + r)
 
     base(gen(0), 1)  # warm-up: optimizer state, thread pools, first-call allocations
-    for fn in runs.values():
-        fn(gen(0))
-    t_est = {name: [] for name in runs}
-    t_base = {name: [] for name in runs}
+    for group in groups.values():
+        for fn in group.values():
+            fn(gen(0))
+    seconds = {label: [] for group in groups.values() for label in group}
+    ratio = {label: [] for label in seconds}
+    t_base = []
     for r in range(args.repeats):
-        for name, fn in runs.items():
-            pair = [("b", lambda: base(gen(r))), ("e", lambda: fn(gen(r)))]
-            for kind, call in pair if r % 2 == 0 else pair[::-1]:
-                s = timed(call, device) / mu
-                (t_base if kind == "b" else t_est)[name].append(s)
+        for group in groups.values():
+            # The baseline and the group's runs back to back, the order rotating between repeats.
+            calls = [("", lambda: base(gen(r)))] + [(label, lambda fn=fn: fn(gen(r))) for label, fn in group.items()]
+            k = r % len(calls)
+            took = {label: timed(call, device) / mu for label, call in calls[k:] + calls[:k]}
+            t_base.append(took.pop(""))
+            for label, s in took.items():
+                seconds[label].append(s)
+                ratio[label].append(s / t_base[-1])
 
     params = sum(p.numel() for p in model.parameters())
     out = {"config": {"d_model": config.d_model, "n_layers": config.n_layers, "n_heads": config.n_heads,
                       "vocab": config.vocab_size, "params_m": round(params / 1e6, 2), "batch": B, "positions": T}}
-    all_base = [s for v in t_base.values() for s in v]
-    out["baseline"] = {"seconds_median": round(statistics.median(all_base), 4),
-                       "tokens_per_s": round(B * T / statistics.median(all_base), 1),
+    out["baseline"] = {"seconds_median": round(statistics.median(t_base), 4),
+                       "tokens_per_s": round(B * T / statistics.median(t_base), 1),
                        "passes": 1.0, "peak_mb": round(peak_mb(lambda: base(gen(0), 1), device), 1)}
-    for name, fn in runs.items():
-        policy.rows.update(grad=0, nograd=0)
-        ref.rows.update(grad=0, nograd=0)
-        mem = peak_mb(lambda: fn(gen(0)), device)
-        grad = (policy.rows["grad"] + ref.rows["grad"]) / B / mu
-        nograd = (policy.rows["nograd"] + ref.rows["nograd"]) / B / mu
-        overhead = statistics.median(e / b for e, b in zip(t_est[name], t_base[name]))
-        out[name] = {
-            "seconds_median": round(statistics.median(t_est[name]), 4),
-            "tokens_per_s": round(B * T / statistics.median(t_est[name]), 1),
-            "overhead": round(overhead, 3),
-            "passes": round(grad + nograd, 3),
-            "grad_passes": round(grad, 3),
-            "nograd_passes": round(nograd, 3),
-            "overhead_per_pass": round(overhead / (grad + nograd), 3),
-            "peak_mb": round(mem, 1),
-        }
+    for name, group in groups.items():
+        for label, fn in group.items():
+            policy.rows.update(grad=0, nograd=0)
+            ref.rows.update(grad=0, nograd=0)
+            mem = peak_mb(lambda: fn(gen(0)), device)
+            grad = (policy.rows["grad"] + ref.rows["grad"]) / B / mu
+            nograd = (policy.rows["nograd"] + ref.rows["nograd"]) / B / mu
+            overhead = statistics.median(ratio[label])
+            out[label] = {
+                "seconds_median": round(statistics.median(seconds[label]), 4),
+                "tokens_per_s": round(B * T / statistics.median(seconds[label]), 1),
+                "overhead": round(overhead, 3),
+                "passes": round(grad + nograd, 3),
+                "grad_passes": round(grad, 3),
+                "nograd_passes": round(nograd, 3),
+                "overhead_per_pass": round(overhead / (grad + nograd), 3),
+                "peak_mb": round(mem, 1),
+            }
+            if label != name:
+                # Same repeats, same baselines: variant seconds over current seconds, per repeat.
+                out[label]["seconds_vs_current"] = round(statistics.median(
+                    v / c for v, c in zip(seconds[label], seconds[name])), 3)
     return out
 
 
@@ -258,6 +307,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", action="append", default=[], metavar="PATH",
+                    help="also time a copy of rl/estimators.py or rl/update.py from another revision (its "
+                         "token_logps / policy_update), interleaved with the current code, as NAME@STEM")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats: expected >= 1")
@@ -270,7 +322,8 @@ def main(argv=None):
                      "mu": args.mu, "torch": torch.__version__},
         "baseline": {size: s["baseline"] for size, s in sizes.items()},
         "config": {size: s["config"] for size, s in sizes.items()},
-        **{name: {size: s[name] for size, s in sizes.items()} for name in args.estimators},
+        **{label: {size: s[label] for size, s in sizes.items()}
+           for label in next(iter(sizes.values())) if label not in ("config", "baseline")},
     }
     print(json.dumps(result, indent=2))
     return result
