@@ -2,6 +2,7 @@
 
     python -m bench.learner [--sizes tiny d256 d512] [--repeats 5] [--batch 8] [--gen-length 32]
                             [--prompt-length 40] [--mu 2] [--vocab N] [--device cpu|cuda] [--threads 2]
+                            [--variant OLD_ESTIMATORS_OR_UPDATE.py ...]
 
 What runs. Every estimator goes through the learner's own code path, rl.update.policy_update, with its
 recipe hyperparameters (conf/algorithm/NAME.yaml `hyper`), on a synthetic RolloutBatch of the recipe's
@@ -35,7 +36,13 @@ Figures per estimator and model size:
                      malloc_trim(0) returns freed heap to the OS) minus the resident set before the
                      call; it includes allocator slack. CUDA: torch.cuda.max_memory_allocated after
                      reset_peak_memory_stats, minus memory_allocated before.
-The baseline gets the same figures under "baseline". Timings on a shared machine move; the ratios,
+The baseline gets the same figures under "baseline".
+
+Before/after in one run: `--variant PATH` (repeatable) loads a copy of rl/estimators.py or
+rl/update.py from another revision (`git show REV:rl/estimators.py > /tmp/old.py`) and times its
+token_logps or policy_update (the current plans and losses around it) in the same rotation as the
+current code, against the same baselines, as "NAME@STEM", with seconds_vs_current, the median per-repeat
+ratio of its seconds over the current code's. Timings on a shared machine move; the ratios,
 measured in pairs, move much less than tokens_per_s.
 """
 from __future__ import annotations
