@@ -74,6 +74,24 @@ class TokenLogps:
     entropy: torch.Tensor | None = None  # [V, B, L] float32, detached; None when not computed
 
 
+def _takes_logits_span(model) -> bool:
+    params = inspect.signature(getattr(model, "forward", model)).parameters.values()
+    return any(p.name == "logits_span" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _answer_logits(model, x: torch.Tensor, att: torch.Tensor, P: int, L: int) -> torch.Tensor:
+    """Logits [rows, L, vocab] at the answer positions only.
+
+    The prompt's logits are never read, so a model that takes logits_span (LLaDAModelLM, reached
+    through wrappers that pass **kwargs on: DeepSpeed's engine, peft, the LoRA reference) runs its
+    LM head on the L answer positions alone, instead of all P+L.
+    """
+    kw = {"logits_span": (P, P + L)} if _takes_logits_span(model) else {}
+    logits = model(input_ids=x, attention_mask=att, **kw).logits
+    # A model whose **kwargs swallow the span returns every position.
+    return logits if logits.shape[1] == L else logits[:, P:]
+
+
 def token_logps(
     model, batch: RolloutBatch, plan: MaskPlan, mask_id: int, entropy: bool | None = None
 ) -> TokenLogps:
@@ -88,10 +106,13 @@ def token_logps(
     ids = batch.input_ids
     x = torch.where(plan.noise, torch.full_like(ids, mask_id), ids.unsqueeze(0)).reshape(V * B, T)
     att = batch.attention_mask.repeat(V, 1)
-    logits = model(input_ids=x, attention_mask=att).logits[:, P:]  # [V*B, L, vocab]
+    logits = _answer_logits(model, x, att, P, L)  # [V*B, L, vocab]
     sel = plan.score.reshape(V * B, L)
-    target = batch.answer_ids.repeat(V, 1)[sel]
-    picked = logits[sel].float()  # [N, vocab]
+    # Rows by index_select, not logits[sel]: the same values, but a boolean index's backward is an
+    # accumulating index_put into a zero [V*B, L, vocab] tensor, which runs element by element on CPU.
+    rows = sel.flatten().nonzero().squeeze(1)
+    target = batch.answer_ids.repeat(V, 1).flatten().index_select(0, rows)
+    picked = logits.flatten(0, 1).index_select(0, rows).float()  # [N, vocab]
     lse = torch.logsumexp(picked, dim=-1)
     lp = picked.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse
     out = torch.zeros(V * B, L, dtype=torch.float32, device=lp.device)
