@@ -7,7 +7,8 @@ in how they turn per-token scores into a loss. Learner usage, once per rollout b
     est = build_estimator("unigrpo", eps=0.2, beta=0.04, kl="low_var_kl", aggregation="seq_mean_token_mean")
     plans = est.plan(batch, mu, generator)           # mu masked views, fixed for this rollout batch
     with torch.no_grad():
-        old = [est.token_logps(policy, batch, p, mask_id) for p in plans] if est.needs_old else [None] * mu
+        # plan 0's old log-probs are its own policy pass's (old=None): nothing has changed yet
+        old = [None] + [est.token_logps(policy, batch, p, mask_id) for p in plans[1:]] if est.needs_old else [None] * mu
         ref = [est.token_logps(ref_model, batch, p, mask_id) for p in plans] if est.needs_ref else [None] * mu
     for n in range(mu):
         logp = est.token_logps(policy, batch, plans[n], mask_id)      # grad flows
@@ -264,7 +265,8 @@ class ClippedGRPO(Estimator):
 
     def loss(self, batch, plan, logp, old=None, ref=None):
         new, weight = self.token_estimate(batch, plan, logp.logp)
-        # old=None means on-policy (mu = 1): the ratio is 1 but its gradient is still the policy gradient.
+        # old=None means on-policy (mu = 1, or the first inner step): the ratio is 1 but its gradient
+        # is still the policy gradient.
         old_est = new.detach() if old is None else self.token_estimate(batch, plan, old.logp)[0]
         adv = _advantages(batch).unsqueeze(1)
         ratio = torch.exp((new - old_est).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))

@@ -77,7 +77,8 @@ def policy_update(policy, ref, estimator: Estimator, batch: RolloutBatch, mu: in
                   micro_batch: int = 0, accumulate: Callable[[torch.Tensor], None] | None = None,
                   ref_device: torch.device | None = None) -> dict:
     """Rollouts stay fixed for all mu inner steps; old and reference log-probs are computed once per
-    inner-step mask, before any weight changes, so every inner step's ratio is against pi_old.
+    inner-step mask, before any weight changes, so every inner step's ratio is against pi_old (the
+    first step's old log-probs are its own, detached).
 
     micro_batch > 0: every forward (old, reference, policy) takes at most that many rows. A chunk's
     loss is weighted by its loss_share, so the chunk losses add up to the one-pass loss and so do their
@@ -91,7 +92,9 @@ def policy_update(policy, ref, estimator: Estimator, batch: RolloutBatch, mu: in
     if len(chunks) > 1 and accumulate is None:
         raise ValueError("policy_update: micro_batch needs accumulate (a backward without an optimizer step)")
     with torch.no_grad():
-        old = ([_no_grad_logps(policy, estimator, batch, p, mask_id, chunks) for p in plans]
+        # Before the first inner step the policy is pi_old, on the same input: its old log-probs are
+        # that step's own policy log-probs, detached (the loss reads old=None so). One pass fewer.
+        old = ([None] + [_no_grad_logps(policy, estimator, batch, p, mask_id, chunks) for p in plans[1:]]
                if estimator.needs_old else [None] * mu)
         ref_lp = ([_no_grad_logps(ref, estimator, batch, p, mask_id, chunks, ref_device) for p in plans]
                   if estimator.needs_ref else [None] * mu)

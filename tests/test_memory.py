@@ -243,11 +243,11 @@ def test_zero3_two_ranks_checkpointing_and_micro_batches_match_plain(ckpt, tmp_p
     mp.spawn(_zero3_worker, args=(ckpt, [free_port() for _ in ZERO3_RUNS], str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1  # metrics are all-reduced
-    # 2 updates x mu=2 x (old + policy passes; + the reference with LoRA, the adapter-disabled policy)
-    # x 2 blocks; checkpointing recomputes the policy pass's blocks in backward only; micro_batch=2
-    # splits this rank's 4 rows in two forwards.
+    # 2 updates x (mu=2 policy passes + 1 old pass: the first inner step's old log-probs are its own;
+    # + 2 reference passes with LoRA, the adapter-disabled policy) x 2 blocks; checkpointing recomputes
+    # the policy pass's blocks in backward only; micro_batch=2 splits this rank's 4 rows in two forwards.
     calls = {name: r0.pop(f"{name}_block_calls") for name in ZERO3_RUNS}
-    assert calls == {"plain": 16, "checkpointed": 24, "checkpointed_micro": 48, "lora": 24, "lora_checkpointed": 32}
+    assert calls == {"plain": 12, "checkpointed": 20, "checkpointed_micro": 40, "lora": 20, "lora_checkpointed": 28}
     sd = {name: torch.load(tmp_path / f"{name}.pt") for name in ZERO3_RUNS}
     for name, base in (("checkpointed", "plain"), ("checkpointed_micro", "plain"), ("lora_checkpointed", "lora")):
         for a, b in zip(r0[name], r0[base]):
