@@ -85,7 +85,7 @@ for step in $STEPS; do
       else
         # bench.rollout runs on the CPU only: an 8B model there would take hours, so it runs on its
         # default (the shipped tiny checkpoint) and says so in its output file name.
-        python -m bench.rollout --lengths "$GEN" --prompts 8 --runs 1 --timing-prompts 4 \
+        python -m bench.rollout --lengths "$GEN" --prompts 4 --runs 1 --timing-prompts 2 --batch 4 \
           > "$OUT_DIR/rollout_cpu_tiny.json"
       fi
       ;;

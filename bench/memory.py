@@ -7,15 +7,19 @@
 
 Prints one JSON object: learner.peak and rollout.peak ({bytes, gib, phase}), every component in
 bytes, and which components each phase holds at once; --table also prints a readable table on
-stderr. The learner peaks in one of four phases of an update, each the sum of its components:
-  init          loading: the whole policy before DeepSpeed partitions it, and under ZeRO-3 the whole
-                reference copy before its own engine shards it.
-  forward       the grad-enabled pass of an inner step after the first optimizer step (the optimizer
-                states then exist): saved activations plus the logits and log-softmax temporaries.
-  backward_end  gradients complete, plus DeepSpeed's flat reduction buffer.
-  step          gradients plus the optimizer's temporaries.
+stderr. The learner peaks in one of five phases of an update, each the sum of its components:
+  init            ZeRO-3 loading: the whole policy before DeepSpeed partitions it, or (full fine-
+                  tuning) the whole reference, loaded after the policy's engine, before its own shards it.
+  forward         the grad-enabled pass of an inner step after the first optimizer step (the optimizer
+                  states then exist): saved activations, the logits and the log-softmax temporaries;
+                  under ZeRO-3 the module running, gathered.
+  backward_start  saved activations still held while backward goes through the log-softmax; under
+                  ZeRO-3 the modules gathered for backward (parameter, gradient, prefetch).
+  backward_end    gradients complete plus DeepSpeed's reduction buffers.
+  step            gradients plus the optimizer's temporaries.
 The no-grad old/reference passes hold less than the forward phase (no saved activations), so they
-are not a phase of their own.
+are not a phase of their own. Components outside every phase (offloaded_to_cpu, reference_on_cpu)
+are host memory.
 
 Model states follow DeepSpeed's own accounting (estimate_zero2/zero3_model_states_mem_needs:
 bf16 = 2 bytes of 16-bit parameters + 18 bytes of 16-bit and fp32 gradients, fp32 master weights and
@@ -62,10 +66,10 @@ VIEWS = {"unigrpo": 1, "diffu_grpo": 1, "coupled_grpo": 3, "wd1": 1, "spg": 2}
 REDUCE_BUCKET = 500_000_000
 ALLREDUCE_BUCKET = 500_000_000
 PREFETCH_BUCKET = 50_000_000
-# Fitted on this machine's CPU with bench.memory_check on the tiny model, where model states and
-# activations are a few MB: resident memory the first update adds whatever the model (allocator
-# arenas, autograd and oneDNN scratch, gloo buffers; ZeRO-3's hooks and coordinator more).
-CPU_RUNTIME = {0: 70 * 2**20, 1: 70 * 2**20, 2: 70 * 2**20, 3: 150 * 2**20}
+# Fitted on this machine's CPU with bench.memory_check (glibc's mmap threshold pinned) on the tiny
+# model, where model states and activations are a few MB: what a learner adds whatever the model
+# (small-object heap, autograd and oneDNN scratch, gloo buffers; ZeRO-3's hooks and coordinator more).
+CPU_RUNTIME = {0: 30 * 2**20, 1: 30 * 2**20, 2: 30 * 2**20, 3: 85 * 2**20}
 # What a CUDA process holds outside torch's allocator (context, cuBLAS/NCCL workspaces): typical
 # H100/A100 figure with torch 2.x, not measured here.
 CUDA_CONTEXT = int(0.75 * GIB)
@@ -86,6 +90,7 @@ class Settings:
     gradient_checkpointing: bool = False
     offload: str = "none"  # none | optimizer | param
     micro_batch: int = 0  # batch rows per forward/backward; 0 = all of the rank's rows at once
+    ref_device: str = "same"  # same | cpu: the reference whole in host memory (trainer.ref_device)
     dtype: str = "float32"  # float32 (CPU training) | bfloat16 (DeepSpeed bf16 mixed precision)
     device: str = "cpu"
     rollout_batch: int = 0  # rows per sampler call; 0 = the rank's rows (one worker per learner rank)
@@ -101,6 +106,8 @@ class Settings:
             raise ValueError(f"offload: expected none, optimizer or param, got {self.offload!r}")
         if self.offload == "param" and self.zero_stage != 3:
             raise ValueError("offload=param needs zero_stage=3 (DeepSpeed offloads parameters only under ZeRO-3)")
+        if self.ref_device not in ("same", "cpu"):
+            raise ValueError(f"ref_device: expected same or cpu, got {self.ref_device!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype: expected float32 or bfloat16, got {self.dtype!r}")
 
@@ -185,6 +192,12 @@ def _learner(shape: dict, s: Settings) -> dict:
 
     c["policy_params"] = 0 if s.offload == "param" else pb * N // pshard
     c["reference_params"] = pb * N // pshard if needs_ref and not s.lora_r else 0
+    if c["reference_params"] and s.ref_device == "cpu" and s.device != "cpu":
+        c["reference_params"], c["reference_on_cpu"] = 0, pb * N
+    if s.device == "cpu" and z != 3 and c["reference_params"]:
+        # On the CPU the unsharded reference stays memory-mapped from its safetensors file, and an
+        # embedding lookup reads only the rows of the tokens in the batch: the rest is never resident.
+        c["reference_params"] -= pb * V * d
     # fp32 master: DeepSpeed's bf16 optimizers always keep one; in fp32, ZeRO >= 1 still clones its partition.
     master = 4 * Nt // shard if (bf16 or z >= 1) else 0
     adam = 8 * Nt // shard
@@ -204,11 +217,16 @@ def _learner(shape: dict, s: Settings) -> dict:
     elif z in (1, 2):
         c["comm_buffer"] = (2 if bf16 else 4) * (min(Nt, REDUCE_BUCKET) if on_cpu else REDUCE_BUCKET)
     else:
-        # The IPG bucket is torch.empty(reduce_bucket_size): fully allocated on a GPU, resident on the CPU
-        # only as far as gradients fill it.
-        c["comm_buffer"] = (2 if bf16 else 4) * (min(Nt, REDUCE_BUCKET) if on_cpu else REDUCE_BUCKET)
-        # modules gathered while they run, plus what is prefetched for the next ones
-        c["gathered_params"] = 2 * pb * pc["largest_layer"] + (0 if on_cpu else pb * PREFETCH_BUCKET)
+        # The IPG bucket is torch.empty(reduce_bucket_size), kept for the whole run: fully allocated on a
+        # GPU, resident on the CPU as far as gradients have filled it. Reducing it, reduce_scatter_coalesced
+        # (deepspeed/runtime/comm/coalesced_collectives.py) concatenates the bucket's partitions into a
+        # flat copy first.
+        gb = 2 if bf16 else 4
+        c["comm_buffer"] = gb * (min(Nt, REDUCE_BUCKET) if on_cpu else REDUCE_BUCKET)
+        c["reduce_scatter_copy"] = gb * min(Nt, REDUCE_BUCKET)
+        # the module running (its parameter, and its gradient in backward) and those prefetched after it
+        c["gathered_params"] = pb * (2 * pc["largest_layer"] + min(PREFETCH_BUCKET, N))
+        c["running_module"] = pb * pc["largest_layer"]  # forward: the module running, gathered
     # The optimizer's step: torch AdamW (CPU) loops over its tensors making two temporaries of each
     # (sqrt of the second moment, its scaled copy); under ZeRO >= 1 its one tensor is the flat partition.
     # DeepSpeed's fused CUDA Adam makes none.
@@ -231,8 +249,12 @@ def _learner(shape: dict, s: Settings) -> dict:
         c["activations"] = tokens * (n_layers * per_block + tail)
     scored = R * s.gen_length
     c["logits"] = R * T * V * pb + 3 * scored * V * f
-    if s.micro_batch and micro < rows:
-        c["accumulated_gradients"] = c["gradients"]  # held by the later micro-batches' forwards
+    # backward through the log-softmax: the kept fp32 rows, gather's and logsumexp's gradients of them,
+    # and exp(x - lse): four fp32 [N, vocab] (the logits themselves are already freed)
+    c["logits_backward"] = 4 * scored * V * f
+    if s.micro_batch and micro < rows and z < 3:
+        # held by the later micro-batches' forwards (under ZeRO-3 the partition is persistent anyway)
+        c["accumulated_gradients"] = c["gradients"]
     if on_cpu:
         c["runtime"] = CPU_RUNTIME[z]
     else:
@@ -240,19 +262,24 @@ def _learner(shape: dict, s: Settings) -> dict:
 
     persistent = ["policy_params", "reference_params", "master_weights", "optimizer_states", "runtime"]
     if z == 3:
-        persistent += ["gathered_params"]
+        persistent += ["comm_buffer"]
         if not offload_opt:
             persistent.append("gradients")  # the flat fp32 gradient partition exists from init on
     phases = {
-        "forward": persistent + ["activations", "logits"] + [k for k in ("accumulated_gradients",) if k in c],
-        "backward_end": persistent + ([] if z == 3 else ["gradients"]) + ["comm_buffer"],
+        "forward": persistent + ["activations", "logits"]
+        + [k for k in ("running_module", "accumulated_gradients") if k in c],
+        "backward_start": persistent + ["activations", "logits_backward"] + (["gathered_params"] if z == 3 else []),
+        "backward_end": persistent + (["reduce_scatter_copy", "gathered_params"] if z == 3
+                                      else ["gradients", "comm_buffer"]),
         "step": persistent + ([] if z == 3 else ["gradients"]) + ["step_temporaries"],
     }
     # Loading: rl.learner loads the whole model on every rank before deepspeed.initialize shards it,
     # and under ZeRO-3 loads the whole reference after the policy's engine exists.
     c["unsharded_load"] = pb * N if z == 3 else 0
     if z == 3:
-        phases["init"] = [k for k in persistent if k != "gathered_params"] + ["unsharded_load"]
+        # LoRA (no reference copy): the policy loads whole before any engine exists
+        phases["init"] = ([k for k in persistent if k != "comm_buffer"] if c["reference_params"] else ["runtime"]) \
+            + ["unsharded_load"]
     phases = {name: sorted(set(keys), key=keys.index) for name, keys in phases.items()}
     totals = {name: sum(c[k] for k in keys) for name, keys in phases.items()}
     peak = max(totals, key=totals.get)

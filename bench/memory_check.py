@@ -16,8 +16,14 @@ What is measured, per rank (the reported figure is the larger of the ranks):
             one update (mu inner steps, optimizer steps included), minus the baseline. The kernel's
             HWM is reset (clear_refs 5) after the baseline so that nothing before it counts.
   update:   the growth of the HWM during the update alone over the RSS just before it.
-glibc hands large blocks (> 128 KiB, every tensor that matters here) back to the kernel when they
-are freed, so RSS follows the live tensors; CPU training is float32 (rl.learner refuses bf16 there).
+Allocator: by default (--malloc pinned) the measurement processes run with MALLOC_MMAP_THRESHOLD_=
+128 KiB, so every tensor of 128 KiB or more is its own mmap and leaves RSS when freed: RSS is then
+the live tensors, which is what bench.memory predicts (as torch.cuda.max_memory_allocated would be
+on a GPU). glibc's default threshold is dynamic: after a large free it rises up to 32 MiB, and freed
+blocks below it stay in the heap, fragmented (allocator caching, like the CUDA caching allocator's
+reserved-but-free memory). --malloc default measures that too. CPU training is float32 (rl.learner
+refuses bf16 there). Unsharded reference weights stay memory-mapped from the safetensors file, so
+on the CPU only the embedding rows a batch looks up are ever resident (bench.memory models that).
 """
 from __future__ import annotations
 
@@ -147,7 +153,8 @@ def compare(row: dict) -> dict:
     p = predict(row)
     predicted = p["learner"]["peak"]["bytes"]
     return {"size": row["size"], "zero_stage": row["zero_stage"], "ranks": row["ranks"],
-            "gradient_checkpointing": row["gradient_checkpointing"], "predicted": predicted,
+            "gradient_checkpointing": row["gradient_checkpointing"], "malloc": row.get("malloc", "default"),
+            "predicted": predicted,
             "measured": row["measured"], "ratio": round(predicted / row["measured"], 3),
             "predicted_phase": p["learner"]["peak"]["phase"],
             "measured_phase": max(row["per_rank"], key=lambda r: r["peak"])["peak_phase"]}
@@ -159,6 +166,10 @@ def main(argv=None):
     ap.add_argument("--stages", nargs="+", type=int, default=[0, 3])
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--malloc", choices=["pinned", "default"], default="pinned",
+                    help="pinned: glibc's mmap threshold fixed at 128 KiB, so every freed tensor leaves RSS "
+                         "(what the planner predicts: live tensors); default: glibc's dynamic threshold, "
+                         "which keeps freed blocks under 32 MiB in its heap (allocator caching)")
     ap.add_argument("--measured", help="JSON lines of earlier measurements: re-predict, do not measure")
     ap.add_argument("--out", help="append the measurement rows (JSON lines) here")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_memory_ckpts"))
@@ -179,10 +190,13 @@ def main(argv=None):
                        "--ranks", str(args.ranks), "--workdir", args.workdir]
                 if args.gradient_checkpointing:
                     cmd.append("--gradient-checkpointing")
-                done = subprocess.run(cmd, capture_output=True, text=True)
+                env = dict(os.environ)
+                if args.malloc == "pinned":
+                    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if done.returncode:
                     sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-                row = json.loads(done.stdout.strip().splitlines()[-1])
+                row = {**json.loads(done.stdout.strip().splitlines()[-1]), "malloc": args.malloc}
                 rows.append(row)
                 if args.out:
                     with open(args.out, "a") as f:
