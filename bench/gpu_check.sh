@@ -76,7 +76,8 @@ for step in $STEPS; do
       done
       ;;
     learner)
-      python -m bench.learner --device "$DEVICE" --sizes "$SIZE" > "$OUT_DIR/learner.json"
+      python -m bench.learner --device "$DEVICE" --sizes "$SIZE" $([ "$SCALE" = tiny ] && echo --repeats 1) \
+        > "$OUT_DIR/learner.json"
       ;;
     rollout)
       if python -m bench.rollout --help | grep -q -- '--device'; then

@@ -48,6 +48,7 @@ oneDNN scratch, measured on the tiny model) and CUDA_CONTEXT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -293,8 +294,10 @@ def _deepspeed_estimate(pc: dict, s: Settings) -> dict | None:
     """DeepSpeed's own model-states figures (mixed precision only: they assume 16-bit parameters)."""
     if s.dtype != "bfloat16" or s.zero_stage == 0:
         return None
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    # DeepSpeed's logger writes to the stdout it finds at import, which carries this module's JSON
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     offload = s.offload != "none"
     if s.zero_stage == 3:
