@@ -57,7 +57,8 @@ shape = PRESETS["llada-8b"] if scale == "full" else dict(d_model=64, n_heads=4, 
 torch.manual_seed(0)
 torch.set_default_dtype(getattr(torch, dtype))
 with torch.device(device):
-    model = LLaDAModelLM(LLaDAConfig(**shape, mask_token_id=tok.mask_token_id, rope_theta=500000.0))
+    model = LLaDAModelLM(LLaDAConfig(**shape, mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id, rope_theta=500000.0))
 model.save_pretrained(out)
 tok.save_pretrained(out)
 print(f"built {out}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype}")
