@@ -25,6 +25,7 @@ case "$SCALE" in
   full)
     # PROMPT: an upper bound on the chat-templated arithmetic prompts, for the planner
     DEVICE=cuda DTYPE=bfloat16 SIZE=llada-8b GEN=256 PROMPT=128
+    ROLLOUT=(--lengths 256 --block-length 32 --prompts 8 --runs 1 --timing-prompts 4 --batch 4)
     # rl.train gives the rollout worker and the learner a GPU each; on a one-GPU machine both
     # share it: Ray is told of two GPUs and leaves CUDA_VISIBLE_DEVICES alone.
     if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then
@@ -33,6 +34,7 @@ case "$SCALE" in
     ;;
   tiny)
     DEVICE=cpu DTYPE=float32 SIZE=tiny GEN=32 PROMPT=32
+    ROLLOUT=(--lengths 16 --block-length 16 --prompts 2 --runs 1 --timing-prompts 2 --batch 2)
     ;;
   *) echo "SCALE: expected full or tiny, got '$SCALE'" >&2; exit 2 ;;
 esac
@@ -82,13 +84,11 @@ for step in $STEPS; do
       ;;
     rollout)
       if python -m bench.rollout --help | grep -q -- '--device'; then
-        python -m bench.rollout --checkpoint "$MODEL" --device "$DEVICE" --lengths "$GEN" --prompts 8 --runs 1 \
-          --timing-prompts 4 > "$OUT_DIR/rollout.json"
+        python -m bench.rollout --checkpoint "$MODEL" --device "$DEVICE" "${ROLLOUT[@]}" > "$OUT_DIR/rollout.json"
       else
         # bench.rollout runs on the CPU only: an 8B model there would take hours, so it runs on its
         # default (the shipped tiny checkpoint) and says so in its output file name.
-        python -m bench.rollout --lengths "$GEN" --prompts 4 --runs 1 --timing-prompts 2 --batch 4 \
-          > "$OUT_DIR/rollout_cpu_tiny.json"
+        python -m bench.rollout "${ROLLOUT[@]}" > "$OUT_DIR/rollout_cpu_tiny.json"
       fi
       ;;
     train)
