@@ -79,7 +79,7 @@ for step in $STEPS; do
       done
       ;;
     learner)
-      python -m bench.learner --device "$DEVICE" --sizes "$SIZE" $([ "$SCALE" = tiny ] && echo --repeats 1) \
+      python -m bench.learner --device "$DEVICE" --dtype "$DTYPE" --sizes "$SIZE" $([ "$SCALE" = tiny ] && echo --repeats 1) \
         > "$OUT_DIR/learner.json"
       ;;
     rollout)

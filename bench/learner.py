@@ -77,8 +77,12 @@ GROUP = 8
 SIZES = {
     "d256": dict(d_model=256, n_heads=4, n_kv_heads=2, n_layers=4, mlp_hidden_size=1024),
     "d512": dict(d_model=512, n_heads=8, n_kv_heads=4, n_layers=4, mlp_hidden_size=1536),
+    # GSAI-ML/LLaDA-8B-Instruct's shapes and vocabulary (bench/gpu_check.sh; a GPU with --dtype bfloat16)
+    "llada-8b": dict(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288,
+                     vocab_size=126464, embedding_size=126464, weight_tying=False),
 }
 MAX_GRAD_NORM = 1.0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def model_config(size: str, vocab: int | None) -> LLaDAConfig:
@@ -223,7 +227,7 @@ def swapped_token_logps(fn):
 def bench_size(size: str, args, device) -> dict:
     config = model_config(size, args.vocab)
     torch.manual_seed(args.seed)
-    model = LLaDAModelLM(config).to(device).train()
+    model = LLaDAModelLM(config).to(device, DTYPES[args.dtype]).train()
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     policy, ref = Counted(model), Counted(ref)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
@@ -312,6 +316,8 @@ def main(argv=None):
     ap.add_argument("--mu", type=int, default=2, help="inner steps per update (the default recipe's 2)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary size for every size (default: tiny's)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                    help="weights and optimizer states (bfloat16: no fp32 master copy, for timing at 8B on one GPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", action="append", default=[], metavar="PATH",
@@ -326,7 +332,7 @@ def main(argv=None):
     result = {
         "settings": {"device": args.device, "threads": args.threads, "repeats": args.repeats, "batch": args.batch,
                      "group_size": GROUP, "prompt_length": args.prompt_length, "gen_length": args.gen_length,
-                     "mu": args.mu, "torch": torch.__version__},
+                     "mu": args.mu, "dtype": args.dtype, "torch": torch.__version__},
         "baseline": {size: s["baseline"] for size, s in sizes.items()},
         "config": {size: s["config"] for size, s in sizes.items()},
         **{label: {size: s[label] for size, s in sizes.items()}
