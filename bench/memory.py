@@ -28,8 +28,8 @@ functions' figures alongside. fp32 training (the CPU path) has no 16-bit copies:
 4 of gradients and 8 of Adam moments, plus the fp32 partition DeepSpeed clones under ZeRO >= 1.
 
 Activations are counted from rl/models/llada.py's forward, tensor by tensor, per token of the
-forward's rows (views x rows x (prompt + answer)); see _block_saved. Logits are [rows, P+L, vocab]
-in the model dtype (token_logps runs the head over every position), and the log-softmax
+forward's rows (views x rows x (prompt + answer)); see _block_saved. Logits are [rows, L, vocab]
+in the model dtype (token_logps runs the head over the answer span only), and the log-softmax
 (rl.estimators.token_logps) copies the scored rows to fp32 [N, vocab] and, on the policy's pass,
 takes a softmax and its product with them for the entropy: three fp32 [N, vocab] at once. N is
 every answer token of every row: UniGRPO's last inner step (mu >= 2) and d1's masking score them all.
@@ -249,7 +249,8 @@ def _learner(shape: dict, s: Settings) -> dict:
     else:
         c["activations"] = tokens * (n_layers * per_block + tail)
     scored = R * s.gen_length
-    c["logits"] = R * T * V * pb + 3 * scored * V * f
+    # the head runs over the answer span only (token_logps' logits_span): [rows, L, vocab]
+    c["logits"] = R * s.gen_length * V * pb + 3 * scored * V * f
     # backward through the log-softmax: the kept fp32 rows, gather's and logsumexp's gradients of them,
     # and exp(x - lse): four fp32 [N, vocab] (the logits themselves are already freed)
     c["logits_backward"] = 4 * scored * V * f
