@@ -13,8 +13,10 @@ from rl.batch import RolloutBatch
 from rl.estimators import MaskPlan, token_logps
 from rl.learner import Learner
 from rl.models import load_checkpoint, load_model
-from rl.models.llada import LLaDAConfig, LLaDAModelLM
-from rl.models.tokenizer import train_tokenizer
+from rl.models.llada import LLaDAModelLM
+
+# Learner exports MASTER_ADDR/RANK/... for DeepSpeed (tests/conftest.py: restore_env).
+pytestmark = pytest.mark.usefixtures("restore_env")
 
 torch.set_num_threads(1)
 
@@ -26,27 +28,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(autouse=True)
-def restore_env():
-    # Learner exports MASTER_ADDR/RANK/LOCAL_RANK/... for DeepSpeed; keep them out of other tests.
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tok = train_tokenizer(["Ann has 12 apples and gets 3 more.", "<think>12+3=15</think>"] * 3, vocab_size=270)
-    torch.manual_seed(0)
-    cfg = LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=48, vocab_size=len(tok),
-                      mask_token_id=tok.mask_token_id, rope_theta=10000.0)
-    LLaDAModelLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def make_batch(inf_in_first_group: bool = False) -> RolloutBatch:

@@ -13,35 +13,15 @@ from rl.config import ConfigError, check_memory, validate
 from rl.estimators import REGISTRY, Estimator, build_estimator
 from rl.learner import Learner, _check_lora, _ds_config
 from rl.models import load_model
-from rl.models.llada import LLaDAConfig, LLaDAModelLM
-from rl.models.tokenizer import train_tokenizer
 from rl.update import loss_share, policy_update
 from tests.conftest import compose_cfg
 from tests.test_learner import OPTIM, free_port, make_batch
 
+# Learner exports MASTER_ADDR/RANK/... for DeepSpeed (tests/conftest.py: restore_env).
+pytestmark = pytest.mark.usefixtures("restore_env")
+
 torch.set_num_threads(1)
 
-
-@pytest.fixture(autouse=True)
-def restore_env():
-    # Learner exports MASTER_ADDR/RANK/LOCAL_RANK/... for DeepSpeed; keep them out of other tests.
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """tests/test_learner.py's tiny checkpoint (make_batch's token ids fit its vocabulary)."""
-    path = tmp_path_factory.mktemp("tiny")
-    tok = train_tokenizer(["Ann has 12 apples and gets 3 more.", "<think>12+3=15</think>"] * 3, vocab_size=270)
-    torch.manual_seed(0)
-    cfg = LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=48, vocab_size=len(tok),
-                      mask_token_id=tok.mask_token_id, rope_theta=10000.0)
-    LLaDAModelLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 LORA = {"r": 4, "lora_alpha": 8}
 # Each estimator's defaults, except SPG's blocks, which must divide make_batch's answer length 6.
