@@ -15,7 +15,10 @@ from rl.models.llada import LLaDAConfig, LLaDAModelLM
 from rl.models.tokenizer import BOS, END_HEADER, EOS, EOT, MASK, MULTIMODAL_TOKENS, START_HEADER, wrap
 from rl.models.vq import VQConfig, VQImageTokenizer
 from rollout.worker import RolloutWorker
-from tests.test_learner import free_port, restore_env  # noqa: F401  (restore_env: autouse fixture)
+from tests.test_learner import free_port
+
+# Learner exports MASTER_ADDR/RANK/... for DeepSpeed (tests/conftest.py: restore_env).
+pytestmark = pytest.mark.usefixtures("restore_env")
 
 torch.set_num_threads(2)
 
