@@ -64,6 +64,7 @@ import torch.nn.functional as F
 import yaml
 
 import rl.estimators
+from bench.memory import PRESETS
 from rl.batch import RolloutBatch
 from rl.estimators import REGISTRY, build_estimator
 from rl.models import TINY_CHECKPOINT
@@ -77,9 +78,8 @@ GROUP = 8
 SIZES = {
     "d256": dict(d_model=256, n_heads=4, n_kv_heads=2, n_layers=4, mlp_hidden_size=1024),
     "d512": dict(d_model=512, n_heads=8, n_kv_heads=4, n_layers=4, mlp_hidden_size=1536),
-    # GSAI-ML/LLaDA-8B-Instruct's shapes and vocabulary (bench/gpu_check.sh; a GPU with --dtype bfloat16)
-    "llada-8b": dict(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288,
-                     vocab_size=126464, embedding_size=126464, weight_tying=False),
+    # LLaDA-8B-Instruct's shapes and vocabulary (bench/gpu_check.sh; a GPU with --dtype bfloat16)
+    "llada-8b": PRESETS["llada-8b"],
 }
 MAX_GRAD_NORM = 1.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -24,6 +24,7 @@ try:
 except ImportError as e:  # an optional extra: training never needs it
     raise ImportError("rl.lm_eval needs lm-evaluation-harness, the `eval` extra: pip install -e .[eval]") from e
 
+from rl.batch import RolloutBatch
 from rl.data.encode import decode_answers
 from rl.models import load_checkpoint, resolve_model_dir
 from rl.models.tokenizer import end_token_ids
@@ -127,7 +128,9 @@ class DiffusionLM(LM):
             length = jobs[at][0]
             batch = [j for j in jobs[at:at + self.batch_size] if j[0] == length]
             at += len(batch)
-            ids, mask = self._left_pad([j[3] for j in batch])
+            seqs = [torch.tensor([j[3]], dtype=torch.long) for j in batch]
+            ids = RolloutBatch.left_pad(seqs, self.tokenizer.pad_token_id).to(self._device)
+            mask = RolloutBatch.left_pad([torch.ones_like(q) for q in seqs], 0).to(self._device)
             cfg = self._sampler_for(length)
             answers = sample(self.model, self.tokenizer, ids, mask, cfg, generator).answer_ids.cpu()
             for (_, _, i, _, kwargs), answer in zip(batch, answers):
@@ -148,16 +151,6 @@ class DiffusionLM(LM):
     def _sampler_for(self, length: int):
         per_block = self.sampler.steps // self.sampler.num_blocks
         return replace(self.sampler, gen_length=length, steps=per_block * (length // self.sampler.block_length))
-
-    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            if s:
-                ids[r, -len(s):] = torch.tensor(s)
-                mask[r, -len(s):] = 1
-        return ids.to(self._device), mask.to(self._device)
 
     def _postprocess(self, text: str, until) -> str:
         stops = [until] if isinstance(until, str) else list(until or [])

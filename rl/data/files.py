@@ -43,8 +43,10 @@ def load_file(path: str | Path, split: str = "train", *, prompt_key: str = "prom
 
     default_task = path.parent.name if (path.parent / "dataset_dict.json").is_file() else path.stem
     if format is None:
-        answer_key = _answer_path(records, answer_key)
-        _check_columns(records, source, (("task.prompt_key", prompt_key), ("task.answer_key", answer_key)))
+        columns = {k for r in records if isinstance(r, dict) for k in r}
+        answer_key = _answer_path(columns, answer_key)
+        _check_columns(columns, bool(records), source,
+                       (("task.prompt_key", prompt_key), ("task.answer_key", answer_key)))
     rows = []
     for i, record in enumerate(records):
         if not isinstance(record, dict):
@@ -175,19 +177,17 @@ def _read_saved(path: Path, split: str) -> list[dict]:
     return ds.with_format("arrow")[:].to_pylist()
 
 
-def _answer_path(records: list, answer_key: str) -> str:
+def _answer_path(columns: set, answer_key: str) -> str:
     """verl's layout keeps the answer in reward_model.ground_truth: the default key falls back to it."""
-    columns = {k for r in records if isinstance(r, dict) for k in r}
     if answer_key == "answer" and "answer" not in columns and "reward_model" in columns:
         return "reward_model.ground_truth"
     return answer_key
 
 
-def _check_columns(records: list, source: str, keys) -> None:
+def _check_columns(columns: set, any_rows: bool, source: str, keys) -> None:
     # A key that is no column at all is a config mistake, named once for the file, not as "row 0 has no ...".
-    columns = {k for r in records if isinstance(r, dict) for k in r}
     for setting, key in keys:
-        if records and key.split(".")[0] not in columns:
+        if any_rows and key.split(".")[0] not in columns:
             raise ValueError(f"{source}: no column {key.split('.')[0]!r} ({setting}={key!r}); its columns are "
                              f"{sorted(columns)}")
 
