@@ -27,6 +27,14 @@ class RolloutBatch:
     commit_step: torch.Tensor | None = None  # [B, L] long, denoising step that committed each token (-1: none)
     tokens_per_step: torch.Tensor | None = None  # [B] float, answer tokens committed per denoising step
     seconds: float = 0.0  # wall time of the generation (of the slowest worker, after concat)
+    # Continuous image inputs (LLaDA-V): prompt id -(1 + k) is row k of the image features, i.e. token
+    # k % image_tokens of image k // image_tokens. The images of a batch are its prompts' (each once,
+    # whatever G is), so they are batch-wide, not per sample: select() keeps them whole.
+    pixels: torch.Tensor | None = None  # [n_images, H, W, 3] uint8, at the vision tower's input size
+    image_tokens: int = 0  # placeholder positions per image
+    image_features: torch.Tensor | None = None  # [n_images, image_tokens, D], the tower's, computed once
+
+    BATCH_WIDE = ("pixels", "image_tokens", "image_features", "group_size", "seconds")
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -46,9 +54,10 @@ class RolloutBatch:
 
     def select(self, rows: slice) -> RolloutBatch:
         """The samples `rows` of every per-sample field."""
-        def part(x):
-            return x[rows] if isinstance(x, (torch.Tensor, list)) else x
-        return RolloutBatch(**{f.name: part(getattr(self, f.name)) for f in fields(self)})
+        def part(name):
+            x = getattr(self, name)
+            return x[rows] if isinstance(x, (torch.Tensor, list)) and name not in self.BATCH_WIDE else x
+        return RolloutBatch(**{f.name: part(f.name) for f in fields(self)})
 
     def to(self, device) -> RolloutBatch:
         """The tensors on `device`."""
@@ -58,7 +67,10 @@ class RolloutBatch:
     @staticmethod
     def concat(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         """Batches of consecutive prompts (one per rollout worker) joined in order: prompts left-padded
-        to the widest, everything else concatenated."""
+        to the widest, everything else concatenated; image placeholders renumbered into the joined
+        image table."""
+        parts = _shared_images(parts)
+
         def cat(name):
             values = [getattr(p, name) for p in parts]
             if any(v is None for v in values):
@@ -68,6 +80,7 @@ class RolloutBatch:
             prompt_ids=RolloutBatch.left_pad([p.prompt_ids for p in parts], pad_id),
             prompt_mask=RolloutBatch.left_pad([p.prompt_mask for p in parts], 0),
             group_size=parts[0].group_size, seconds=max(p.seconds for p in parts),
+            pixels=cat("pixels"), image_tokens=max(p.image_tokens for p in parts),
             **{name: cat(name) for name in ("answer_ids", "answer_mask", "advantages", "rewards", "rows",
                                             "completions", "images", "commit_step", "tokens_per_step")})
 
@@ -76,3 +89,19 @@ class RolloutBatch:
         """Stack [b_i, P_i] tensors into [sum b_i, max P_i], padding on the left."""
         width = max(p.shape[1] for p in parts)
         return torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0), value=pad_value) for p in parts])
+
+
+def _shared_images(parts: list[RolloutBatch]) -> list[RolloutBatch]:
+    """Parts with their placeholder ids shifted past the image rows of the parts before them."""
+    if all(p.pixels is None for p in parts):
+        return parts
+    some = next(p for p in parts if p.pixels is not None)
+    out, offset = [], 0
+    for p in parts:
+        if p.pixels is None:  # a text-only part beside image parts: an empty table, so cat() keeps the rest
+            out.append(replace(p, pixels=some.pixels[:0], image_tokens=some.image_tokens))
+            continue
+        shifted = torch.where(p.prompt_ids < 0, p.prompt_ids - offset, p.prompt_ids)
+        out.append(replace(p, prompt_ids=shifted, image_features=None))
+        offset += len(p.pixels) * p.image_tokens
+    return out

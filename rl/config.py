@@ -28,7 +28,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from rewards.combine import check_reward_config
 from rl.errors import ConfigError, fail
 from rl.estimators import build_estimator
-from rl.models import TINY_CHECKPOINT, check_model_files, resolve_model_dir
+from rl.models import TINY_CHECKPOINT, check_model_files, resolve_model_dir, vision_input_size
 from rl.tracking import LOGGERS
 from rollout.image import ImageSamplerConfig
 from rollout.rollout import SAMPLERS, WORKER_KEYS, sampler_config
@@ -456,7 +456,7 @@ def _check_tasks(c: Config, splits: tuple[str, ...]) -> None:
         if file is None and (not counts or not set(counts) <= set(GENERATORS) or min(counts.values()) < 1):
             _bad(f"task.{split}", counts, f"expected a mapping of task names from {sorted(GENERATORS)} to row "
                  f"counts >= 1, or task.{split}_file")
-        if file is not None or c.task.max_prompt_length is not None:
+        if file is not None or c.task.max_prompt_length is not None or vision_input_size(model_path(c)) is not None:
             # Every row read and checked now, so a bad row never reaches an actor; the driver's load_split
             # then takes these rows rather than reading the file again.
             try:

@@ -26,6 +26,7 @@ from rl.checkpoint import CheckpointManager, resolve_resume
 from rl.config import image_tokenizer_path, model_path, validate
 from rl.data.loader import PromptCursor, attach_image_codes, has_images, load_split
 from rl.metrics import accuracies, batch_metrics, timer
+from rl.models import vision_input_size
 from rl.tracking import Tracker
 
 log = logging.getLogger("dllm_rl")
@@ -44,7 +45,8 @@ class Driver:
         train_rows = load_split(cfg.task, "train", cfg.seed, model_dir=self.model_path)
         self.val_rows = load_split(cfg.task, "val", cfg.seed, model_dir=self.model_path)
         self.image_tokenizer = None
-        if has_images(train_rows) or has_images(self.val_rows):
+        # (A LLaDA-V model's rows come with their pixels; a unified-token model's get image codes here.)
+        if vision_input_size(self.model_path) is None and (has_images(train_rows) or has_images(self.val_rows)):
             from rl.models.vq import load_image_tokenizer
             self.image_tokenizer = load_image_tokenizer(image_tokenizer_path(cfg))
             attach_image_codes(train_rows, self.image_tokenizer, "task.train")

@@ -80,7 +80,8 @@ def _takes_logits_span(model) -> bool:
     return any(p.name == "logits_span" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _answer_logits(model, x: torch.Tensor, att: torch.Tensor, P: int, L: int) -> torch.Tensor:
+def _answer_logits(model, x: torch.Tensor, att: torch.Tensor, P: int, L: int,
+                   image_features: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [rows, L, vocab] at the answer positions only.
 
     The prompt's logits are never read, so a model that takes logits_span (LLaDAModelLM, reached
@@ -88,6 +89,8 @@ def _answer_logits(model, x: torch.Tensor, att: torch.Tensor, P: int, L: int) ->
     LM head on the L answer positions alone, instead of all P+L.
     """
     kw = {"logits_span": (P, P + L)} if _takes_logits_span(model) else {}
+    if image_features is not None:  # LLaDA-V: prompt ids < 0 are rows of these (rl.batch.RolloutBatch)
+        kw["image_features"] = image_features
     logits = model(input_ids=x, attention_mask=att, **kw).logits
     # A model whose **kwargs swallow the span returns every position.
     return logits if logits.shape[1] == L else logits[:, P:]
@@ -107,7 +110,7 @@ def token_logps(
     ids = batch.input_ids
     x = torch.where(plan.noise, torch.full_like(ids, mask_id), ids.unsqueeze(0)).reshape(V * B, T)
     att = batch.attention_mask.repeat(V, 1)
-    logits = _answer_logits(model, x, att, P, L)  # [V*B, L, vocab]
+    logits = _answer_logits(model, x, att, P, L, batch.image_features)  # [V*B, L, vocab]
     sel = plan.score.reshape(V * B, L)
     # Rows by index_select, not logits[sel]: the same values, but a boolean index's backward is an
     # accumulating index_put into a zero [V*B, L, vocab] tensor, which runs element by element on CPU.
@@ -195,13 +198,19 @@ def _pack(batch: RolloutBatch, prompt_noise: torch.Tensor, answer_noise: torch.T
     return torch.cat([prompt_noise, answer_noise], dim=-1)
 
 
+def _maskable(batch: RolloutBatch) -> torch.Tensor:
+    """Prompt positions a forward process may mask: real text tokens. Image features (ids < 0) are the
+    condition, never noised, as in LLaDA-V's training."""
+    return (batch.prompt_mask > 0) & (batch.prompt_ids >= 0)
+
+
 def _d1_view(batch: RolloutBatch, p_mask_prompt: float, generator) -> MaskPlan:
     """d1's forward process: real prompt tokens masked with p, the whole answer masked.
 
     Left padding is never masked (d1 masks it too, but it is outside the attention mask here).
     """
     dev = batch.prompt_ids.device
-    prompt_noise = (_rand(batch.prompt_ids.shape, generator, dev) < p_mask_prompt) & (batch.prompt_mask > 0)
+    prompt_noise = (_rand(batch.prompt_ids.shape, generator, dev) < p_mask_prompt) & _maskable(batch)
     answer_noise = torch.ones_like(batch.answer_ids, dtype=torch.bool)
     return MaskPlan(_pack(batch, prompt_noise, answer_noise)[None], _valid(batch)[None])
 
@@ -542,7 +551,7 @@ class SPG(Estimator):
         context_answer = pos < start
         p_ctx = self.p_mask_prompt
         answer_noise |= context_answer & (_rand((B, L), generator, dev) < p_ctx)
-        prompt_noise = (_rand(batch.prompt_ids.shape, generator, dev) < p_ctx) & (batch.prompt_mask > 0)
+        prompt_noise = (_rand(batch.prompt_ids.shape, generator, dev) < p_ctx) & _maskable(batch)
         return _pack(batch, prompt_noise, answer_noise), answer_noise & valid
 
     def bounds(self, batch: RolloutBatch, plan: MaskPlan, logp: torch.Tensor) -> dict[str, torch.Tensor]:

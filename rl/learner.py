@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import deepspeed
@@ -269,6 +270,11 @@ class Learner:
         skipped_steps counts inner steps whose optimizer step was skipped (non-finite grad norm).
         """
         part = self.shard(batch)
+        if part.pixels is not None:
+            # LLaDA-V: the frozen vision tower once per prompt image; the G answers, the old, reference and
+            # policy passes and every micro-batch read these rows (each model applies its own projector).
+            with torch.no_grad():
+                part = replace(part, image_features=self.module.encode_images(part.pixels))
         generator = torch.Generator().manual_seed(seed * self.world_size + self.rank)
         self.engine.train()
         lr = float(self.engine.get_lr()[0])  # the rate this update starts with, not the next one's

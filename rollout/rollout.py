@@ -7,7 +7,7 @@ from dataclasses import fields
 import torch
 
 from rl.batch import RolloutBatch
-from rl.data.encode import decode_answers, encode_rows, mode_of
+from rl.data.encode import decode_answers, encode_image_prompts, encode_rows, mode_of
 from rl.models.tokenizer import end_token_ids
 from rollout.fast import FastSamplerConfig, generate_fast
 from rollout.image import ImageSamplerConfig, generate_image
@@ -47,6 +47,25 @@ def sample(model, tokenizer, ids, mask, sampler: SamplerConfig, generator=None):
     return generate(model, ids, mask, tokenizer.mask_token_id, sampler, generator, text_vocab=text_vocab)
 
 
+def takes_images(model) -> bool:
+    """A model fed continuous image features in its prompt (LLaDA-V), not image codes."""
+    return callable(getattr(model, "encode_images", None))
+
+
+class WithImages:
+    """`model` with one batch's image features bound to every call: the samplers and estimators call it
+    as they call any model, and prompt ids < 0 take their rows (rl.data.encode.encode_image_prompts)."""
+
+    def __init__(self, model, image_features: torch.Tensor):
+        self._model, self._features = model, image_features
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, image_features=self._features, **kwargs)
+
+
 def _merge(parts: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]], n: int, pad: int, fill: int):
     """Scatter per-mode (indices, prompt ids, prompt mask, answer ids) back into row order: prompts
     left-padded to one width, answers right-padded with end-of-text to one length."""
@@ -75,17 +94,27 @@ def rollout(model, tokenizer, rows: list[dict], group_size: int, sampler: Sample
     offset = image_offset(config)
     end_ids = end_token_ids(tokenizer)
     is_image = [mode_of(r) == "t2i" for r in expanded]
+    continuous = takes_images(model)
+    if any(is_image) and continuous:
+        raise ValueError("text-to-image rows need a unified-token model (MMaDA); this one reads images but "
+                         "does not write them (LLaDA-V)")
     if any(is_image) and not (config.codebook_size and config.num_vq_tokens):
         raise ValueError(
             "text-to-image rows need a model with image codes (config codebook_size and num_vq_tokens > 0)")
     step = micro_batch or len(expanded)
-    parts, lengths = [], {}
+    parts, lengths, pixels = [], {}, None
     commits, per_step = [None] * len(expanded), [None] * len(expanded)
     for image in (False, True):
         idx = [i for i, flag in enumerate(is_image) if flag == image]
         if not idx:
             continue
-        ids, mask = encode_rows(tokenizer, [expanded[i] for i in idx], offset)
+        policy = model
+        if continuous:
+            ids, mask, pixels = encode_image_prompts(tokenizer, [expanded[i] for i in idx], model.tokens_per_image)
+            if pixels is not None:  # each prompt's images through the vision tower once, for all G answers
+                policy = WithImages(model, model.encode_images(pixels))
+        else:
+            ids, mask = encode_rows(tokenizer, [expanded[i] for i in idx], offset)
         answers = []
         for lo in range(0, len(idx), step):
             if image:
@@ -93,7 +122,7 @@ def rollout(model, tokenizer, rows: list[dict], group_size: int, sampler: Sample
                                      config.num_vq_tokens, offset, config.codebook_size,
                                      image_sampler or ImageSamplerConfig(), generator)
             else:
-                out = sample(model, tokenizer, ids[lo:lo + step], mask[lo:lo + step], sampler, generator)
+                out = sample(policy, tokenizer, ids[lo:lo + step], mask[lo:lo + step], sampler, generator)
             answers.append(out.answer_ids)
             for j, i in enumerate(idx[lo:lo + step]):
                 commits[i], per_step[i] = out.commit_step[j], out.tokens_per_step[j]
@@ -123,4 +152,6 @@ def rollout(model, tokenizer, rows: list[dict], group_size: int, sampler: Sample
         images=images,
         commit_step=commit_step,
         tokens_per_step=torch.stack(per_step),
+        pixels=pixels,
+        image_tokens=model.tokens_per_image if pixels is not None else 0,
     )

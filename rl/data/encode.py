@@ -1,6 +1,7 @@
 """Text <-> token tensors for prompts and fixed-length answers."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from rl.batch import RolloutBatch
@@ -50,6 +51,52 @@ def encode_rows(tokenizer, rows: list[dict], image_offset: int | None = None) ->
         seqs.append(torch.tensor([seq]))
     return (RolloutBatch.left_pad(seqs, tokenizer.pad_token_id),
             RolloutBatch.left_pad([torch.ones_like(s) for s in seqs], 0))
+
+
+IMAGE = "<image>"  # where a prompt's image goes (LLaVA's and LLaDA-V's DEFAULT_IMAGE_TOKEN)
+
+
+def image_prompt(row: dict, where: str = "row") -> list[dict]:
+    """The row's prompt as chat messages with one <image> per image: where the text puts them, or,
+    when it names none, the images first in the first user message, each on its own line (LLaVA's
+    layout). Any other count is an error naming the row."""
+    prompt, n = row["prompt"], len(row.get("pixels") or ())
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    marked = sum(str(m.get("content", "")).count(IMAGE) for m in messages)
+    if marked == 0 and n:
+        user = next((m for m in messages if m.get("role") == "user"), messages[0])
+        user["content"] = (IMAGE + "\n") * n + str(user.get("content", ""))
+    elif marked != n:
+        raise ValueError(f"{where}: the prompt has {marked} {IMAGE} placeholder(s) but the row has {n} image(s)")
+    return messages
+
+
+def encode_image_prompts(tokenizer, rows: list[dict], image_tokens: int):
+    """Prompt ids, mask and image table for a model fed continuous image features (LLaDA-V): each
+    <image> becomes `image_tokens` placeholder ids -(1 + k), k indexing the rows of the table's
+    features. As LLaVA's tokenizer_image_token, the chat-formatted text is split at each <image> and
+    the pieces tokenized apart. A prompt shared by several rows (the G answers of one prompt, which
+    share one row dict) puts its images in the table once. Rows without `pixels` are plain text."""
+    seqs, images, first = [], [], {}
+    for i, row in enumerate(rows):
+        pixels = row.get("pixels") or []
+        messages = image_prompt(row, f"row {i}")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if id(row) not in first:
+            first[id(row)] = len(images)
+            images.extend(pixels)
+        base = first[id(row)]
+        pieces = text.split(IMAGE) if pixels else [text]
+        seq = tokenizer(pieces[0], add_special_tokens=False)["input_ids"]
+        for j, piece in enumerate(pieces[1:]):
+            start = (base + j) * image_tokens
+            seq += [-(1 + start + t) for t in range(image_tokens)]
+            seq += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        seqs.append(torch.tensor([seq]))
+    ids = RolloutBatch.left_pad(seqs, tokenizer.pad_token_id)
+    mask = RolloutBatch.left_pad([torch.ones_like(s) for s in seqs], 0)
+    pixels = torch.from_numpy(np.stack(images)) if images else None
+    return ids, mask, pixels
 
 
 def encode_answers(tokenizer, completions: list[str], length: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Task rows for a run, and the cursor that hands out prompts in a seeded, resumable order."""
 from __future__ import annotations
 
+import io
 import logging
 import random
 from collections.abc import Mapping
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rl.data.encode import image_prompt
 from rl.data.files import load_file
 from rl.data.shapes import render
 from rl.data.tasks import IMAGE_MODES, make_mixture, validate_rows
@@ -24,7 +26,8 @@ def load_split(task_cfg, split: str, seed: int, model_dir: str | None = None) ->
     """The rows of task.train or task.val: a dataset file's rows (rl/data/files.py), or synthetic rows
     generated in code; with task.max_prompt_length, without the overlong prompts, counted with the
     tokenizer of `model_dir`. `task_cfg` is an rl.config.TaskConfig, its DictConfig or a plain dict.
-    Each call gets its own row dicts (the driver adds image codes to them)."""
+    Each call gets its own row dicts (the driver adds image codes to them). For a model that reads
+    continuous image features (LLaDA-V), image rows carry their `pixels` (attach_pixels)."""
     file = _setting(task_cfg, f"{split}_file")
     reading = {"prompt_key": _setting(task_cfg, "prompt_key", "prompt"),
                "answer_key": _setting(task_cfg, "answer_key", "answer"),
@@ -33,7 +36,11 @@ def load_split(task_cfg, split: str, seed: int, model_dir: str | None = None) ->
     filter_overlong = _setting(task_cfg, "filter_overlong_prompts", True)
     counts = dict(_setting(task_cfg, split) or {})
     source_key = _fingerprint(Path(file).expanduser()) if file is not None else (tuple(sorted(counts.items())), seed)
-    key = (split, source_key, *reading.values(), max_len, filter_overlong, model_dir if max_len is not None else None)
+    from rl.models import vision_input_size
+
+    vision_size = vision_input_size(model_dir) if model_dir is not None else None
+    key = (split, source_key, *reading.values(), max_len, filter_overlong,
+           model_dir if max_len is not None else None, vision_size)
     if key not in _LOADED:
         if file is not None:
             rows, source = load_file(file, split, **reading), str(file)
@@ -42,6 +49,8 @@ def load_split(task_cfg, split: str, seed: int, model_dir: str | None = None) ->
             rows = validate_rows(make_mixture(counts, seed=seed, split="train" if split == "train" else "val"), source)
         if max_len is not None:
             rows = drop_overlong(rows, source, max_len, filter_overlong, model_dir)
+        if vision_size is not None:  # LLaDA-V: the images as its tower's pixels, read and checked once
+            attach_pixels(rows, vision_size, source)
         while len(_LOADED) >= _LOADED_MAX:
             del _LOADED[next(iter(_LOADED))]
         _LOADED[key] = rows
@@ -135,6 +144,66 @@ def _pixels(row: dict, i: int, source: str, size: int) -> np.ndarray:
         raise ValueError(f"{source}: row {i}: image {row['image']!r} is {img.shape[1]}x{img.shape[0]}, the image "
                          f"tokenizer takes {size}x{size}")
     return img
+
+
+def attach_pixels(rows: list[dict], size: int, source: str) -> list[dict]:
+    """Give every row that shows images its `pixels`: uint8 [size, size, 3] arrays, one per image, for a
+    model fed continuous image features (LLaDA-V). Images come from a row's `scene` (rendered), `image`
+    (a file path) or `images` (a list of file paths, of verl's {"bytes", "path"} dicts, or of HxWx3
+    arrays), and are resized to the vision tower's input as LLaDA-V's processor does (bicubic, the whole
+    image). Read once here; a missing, unreadable or misshapen image is an error naming the row."""
+    for i, row in enumerate(rows):
+        if row.get("mode") == "t2i":
+            raise ValueError(f"{source}: row {i} is a text-to-image row (mode 't2i'); this model reads images but "
+                             "does not write them (LLaDA-V): text-to-image needs a unified-token model (MMaDA)")
+        if "pixels" in row:
+            continue
+        sources = _image_sources(row, f"{source}: row {i}")
+        if sources:
+            row["pixels"] = [_resized(x, size, f"{source}: row {i} image {j}") for j, x in enumerate(sources)]
+        image_prompt(row, f"{source}: row {i}")  # as many <image> placeholders as images
+    return rows
+
+
+def _image_sources(row: dict, where: str) -> list:
+    if "scene" in row:
+        return [render(row["scene"])]
+    if "image" in row:
+        return [row["image"]]
+    images = row.get("images")
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        raise ValueError(f"{where}: 'images' is {type(images).__name__}, expected a list of images")
+    return list(images)
+
+
+def _resized(image, size: int, where: str) -> np.ndarray:
+    """An image source as uint8 [size, size, 3]."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, dict):  # verl / datasets' Image feature: {"bytes": ..., "path": ...}
+        image = image.get("bytes") or image.get("path")
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            im = Image.open(io.BytesIO(image))
+        elif isinstance(image, (str, Path)):
+            im = Image.open(Path(image).expanduser())
+        else:
+            arr = np.asarray(image)
+            if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or 0 in arr.shape:
+                raise ValueError(f"{where}: expected uint8 pixels [H, W, 3], a file path or encoded bytes, got "
+                                 f"{arr.dtype} {tuple(arr.shape)}")
+            im = Image.fromarray(arr)
+        with im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            return np.asarray(im, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise ValueError(f"{where}: image file {str(image)!r} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{where}: cannot read the image ({e})") from None
 
 
 class PromptCursor:

@@ -124,6 +124,21 @@ def load_model(path: str | Path, dtype=None) -> LLaDAModelLM:
     return model
 
 
+def vision_input_size(path: str | Path) -> int | None:
+    """The image size a model folder's vision tower takes (LLaDA-V), or None for a model without one.
+    Reads config.json only."""
+    config = Path(path) / "config.json"
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # check_model_files names the problem
+    if raw.get("model_type") != "llava_llada":
+        return None
+    from .llada_v import LLaDAVConfig
+
+    return LLaDAVConfig(**raw).image_size
+
+
 def load_tokenizer(path: str | Path):
     tok = AutoTokenizer.from_pretrained(check_checkpoint_dir(path))
     if tok.mask_token_id is None:
