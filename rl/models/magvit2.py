@@ -44,7 +44,9 @@ from torch import nn
 CLASS_NAMES = ("MAGVITv2", "MAGViTv2")  # Show-o's class, and its older spelling that uploaded the repo
 WEIGHTS_NAME = "pytorch_model.safetensors"  # what showlab/magvitv2 ships (Show-o's ModelMixin file name)
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"  # the same weights pickled, as the repo first had them
-# Show-o pins diffusers==0.30.1; the mixin records that version next to the class name.
+# The mixin records the diffusers version next to the class name; Show-o pins diffusers==0.30.1. The published
+# config.json is 66 bytes, exactly these two keys as diffusers formats them (its text itself was not readable here,
+# and the repo was uploaded as "MAGViTv2", so either spelling is accepted on load).
 DIFFUSERS_VERSION = "0.30.1"
 # The LFQ tables are fixed by the bit convention, not learned: a checkpoint may carry them or not.
 DERIVED_BUFFERS = ("quantize.embedding", "quantize.power_vals")
