@@ -7,6 +7,10 @@ The interface every image tokenizer here offers (MMaDA uses MAGVIT-v2 behind the
     tok.encode(images)     uint8 [B, H, W, 3] (numpy or torch) -> long [B, tokens_per_image]
     tok.decode(codes)      long [B, tokens_per_image] -> uint8 [B, H, W, 3] torch tensor
 
+`load_image_tokenizer` picks the class by the directory's config.json: this project's `{"type": "vq"}` is a
+`VQImageTokenizer`; the published MAGVIT-v2 one (`{"_class_name": "MAGVITv2", ...}`, Hugging Face showlab/magvitv2,
+the 8,192-code tokenizer MMaDA-8B uses) is a `MAGVITv2Tokenizer` (rl/models/magvit2.py).
+
 `VQImageTokenizer` is a small convolutional VQ-VAE (van den Oord et al. 2017): a strided encoder,
 nearest-codebook quantisation with a straight-through gradient, a transposed-conv decoder. The
 shipped one (recipes/build_tiny_vq.py) turns 32x32 synthetic scenes into 8x8 = 64 codes.
@@ -23,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .magvit2 import MAGVITv2Tokenizer, is_magvit2_config
 
 TINY_VQ = Path(__file__).resolve().parents[2] / "recipes" / "assets" / "tiny-vq"
 
@@ -166,6 +172,20 @@ class VQImageTokenizer(nn.Module):
         return model.eval()
 
 
-def load_image_tokenizer(path: str | Path | None = None) -> VQImageTokenizer:
-    """The image tokenizer in `path` (None: the shipped tiny VQ)."""
-    return VQImageTokenizer.from_pretrained(TINY_VQ if path is None else path)
+def load_image_tokenizer(path: str | Path | None = None) -> VQImageTokenizer | MAGVITv2Tokenizer:
+    """The image tokenizer in `path` (None: the shipped tiny VQ), of the kind its config.json names."""
+    path = Path(TINY_VQ if path is None else path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"image tokenizer directory {str(path)!r} is missing config.json")
+    try:
+        raw = json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config}: not valid JSON ({e})") from None
+    if isinstance(raw, dict) and raw.get("type") == "vq":
+        return VQImageTokenizer.from_pretrained(path)
+    if is_magvit2_config(raw):
+        return MAGVITv2Tokenizer.from_pretrained(path)
+    got = {k: raw.get(k) for k in ("type", "_class_name")} if isinstance(raw, dict) else type(raw).__name__
+    raise ValueError(f"{config}: not an image tokenizer config: expected type='vq' (this project's VQ) or "
+                     f"_class_name='MAGVITv2' (MAGVIT-v2, showlab/magvitv2), got {got}")
