@@ -194,7 +194,7 @@ def _valid(batch: RolloutBatch) -> torch.Tensor:
     return batch.answer_mask > 0
 
 
-def _pack(batch: RolloutBatch, prompt_noise: torch.Tensor, answer_noise: torch.Tensor) -> torch.Tensor:
+def _pack(prompt_noise: torch.Tensor, answer_noise: torch.Tensor) -> torch.Tensor:
     return torch.cat([prompt_noise, answer_noise], dim=-1)
 
 
@@ -212,7 +212,7 @@ def _d1_view(batch: RolloutBatch, p_mask_prompt: float, generator) -> MaskPlan:
     dev = batch.prompt_ids.device
     prompt_noise = (_rand(batch.prompt_ids.shape, generator, dev) < p_mask_prompt) & _maskable(batch)
     answer_noise = torch.ones_like(batch.answer_ids, dtype=torch.bool)
-    return MaskPlan(_pack(batch, prompt_noise, answer_noise)[None], _valid(batch)[None])
+    return MaskPlan(_pack(prompt_noise, answer_noise)[None], _valid(batch)[None])
 
 
 class Estimator(abc.ABC):
@@ -363,7 +363,7 @@ class UniGRPO(ClippedGRPO):
         pick = (_rand(batch.answer_ids.shape, generator, dev) * valid).argmax(-1)
         answer_noise[starved, pick[starved]] = True
         prompt_noise = torch.zeros_like(batch.prompt_ids, dtype=torch.bool)
-        return MaskPlan(_pack(batch, prompt_noise, answer_noise)[None], (answer_noise & valid)[None], t=p)
+        return MaskPlan(_pack(prompt_noise, answer_noise)[None], (answer_noise & valid)[None], t=p)
 
 
 class DiffuGRPO(ClippedGRPO):
@@ -421,7 +421,7 @@ class CoupledGRPO(ClippedGRPO):
             views.insert(0, torch.ones_like(m1))
         valid = _valid(batch)
         prompt_noise = torch.zeros_like(batch.prompt_ids, dtype=torch.bool)
-        noise = torch.stack([_pack(batch, prompt_noise, v) for v in views])
+        noise = torch.stack([_pack(prompt_noise, v) for v in views])
         score = torch.stack([v & valid for v in views])
         return MaskPlan(noise, score, t=t)
 
@@ -552,7 +552,7 @@ class SPG(Estimator):
         p_ctx = self.p_mask_prompt
         answer_noise |= context_answer & (_rand((B, L), generator, dev) < p_ctx)
         prompt_noise = (_rand(batch.prompt_ids.shape, generator, dev) < p_ctx) & _maskable(batch)
-        return _pack(batch, prompt_noise, answer_noise), answer_noise & valid
+        return _pack(prompt_noise, answer_noise), answer_noise & valid
 
     def bounds(self, batch: RolloutBatch, plan: MaskPlan, logp: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-row ELBO and EUBO estimates [B] from view log-probs [V, B, L]."""
