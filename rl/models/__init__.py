@@ -1,4 +1,5 @@
-"""Models: the LLaDA-architecture diffusion LM, its tokenizer, and checkpoint loading."""
+"""Models: the LLaDA-architecture diffusion LM, LLaDA-V (vision tower + projector + LLaDA), their tokenizer,
+and checkpoint loading: config.json's model_type picks the class."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .llada import LLaDAConfig, LLaDAModelLM
+from .llada_v import LLaDAVConfig, LLaDAVModelLM
 
 # The Auto classes LLaDA-8B's config.json maps to its LLaDAModelLM (auto_map: AutoConfig, AutoModel,
 # AutoModelForCausalLM), so code written for LLaDA loads this one after `import rl.models`, with no
@@ -15,6 +17,11 @@ from .llada import LLaDAConfig, LLaDAModelLM
 AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
 AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
 AutoModelForCausalLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+# LLaDA-V's model_type (its LlavaLLaDAConfig). Its published config.json maps the Auto classes to LLaDA's remote
+# code, not to a multimodal class, so only this registration (or load_model) builds the whole model.
+AutoConfig.register("llava_llada", LLaDAVConfig, exist_ok=True)
+AutoModel.register(LLaDAVConfig, LLaDAVModelLM, exist_ok=True)
+AutoModelForCausalLM.register(LLaDAVConfig, LLaDAVModelLM, exist_ok=True)
 
 TINY_CHECKPOINT = Path(__file__).resolve().parents[2] / "recipes" / "assets" / "tiny-llada"
 
@@ -67,20 +74,48 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def check_model_files(path: str | Path) -> Path:
+def read_config_json(path: str | Path) -> dict:
+    """config.json of a model folder as a dict; a clear error for a file that is not JSON."""
+    config = Path(path) / "config.json"
+    try:
+        d = json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{config}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def model_classes(config: dict) -> tuple[type, type]:
+    """(config class, model class) for a config.json dict: LLaDA-V for model_type "llava_llada", and for a
+    "llada" config carrying LLaVA's mm_vision_tower or naming LlavaLLaDAModelLM (checkpoints fine-tuned from
+    LLaDA-V through LLaDA's remote code save model_type "llada"); LLaDA otherwise."""
+    llava = (config.get("model_type") == "llava_llada" or "mm_vision_tower" in config
+             or "LlavaLLaDAModelLM" in (config.get("architectures") or []))
+    return (LLaDAVConfig, LLaDAVModelLM) if llava else (LLaDAConfig, LLaDAModelLM)
+
+
+def load_config(path: str | Path, **overrides):
+    """The model config of a folder, config.json's values with `overrides` on top (e.g. LLaDA-V's
+    image_aspect_ratio="pad"), validated by its class; errors name config.json."""
+    path = Path(path)
+    d = read_config_json(path)
+    config_class, _ = model_classes(d)
+    try:
+        return config_class(**{**d, **overrides})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
+
+
+def check_model_files(path: str | Path, **config_overrides) -> Path:
     """check_checkpoint_dir, plus what would otherwise fail deep inside an actor: config.json must
     parse and describe a valid LLaDAConfig (positive sizes, heads dividing d_model, ..., and only the
-    LLaDA settings this model computes: block_type llama, rms norms, RoPE, no dropout, ...), and every
+    LLaDA settings this model computes: block_type llama, rms norms, RoPE, no dropout, ...) or, for a LLaDA-V
+    folder, a valid LLaDAVConfig (with `config_overrides` applied, as load_model would), and every
     *.safetensors file's header must parse with each tensor's bytes inside the file. Reads only
     config.json and the headers (kilobytes, even for an 8B checkpoint), never a tensor."""
     path = check_checkpoint_dir(path)
-    config = path / "config.json"
-    try:
-        LLaDAConfig(**json.loads(config.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config}: not valid JSON ({e})") from None
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{config}: {e}") from None
+    load_config(path, **config_overrides)
     for file in sorted(path.glob("*.safetensors")):
         check_safetensors_header(file)
     return path
@@ -110,17 +145,28 @@ def check_safetensors_header(file: Path) -> None:
                              f"holds {data} (truncated?)")
 
 
-def load_model(path: str | Path, dtype=None) -> LLaDAModelLM:
+def load_model(path: str | Path, dtype=None, **config_overrides) -> LLaDAModelLM | LLaDAVModelLM:
+    """The model of a checkpoint folder, its class picked by config.json (model_classes). `config_overrides`
+    replace config.json values before the config is validated (LLaDA-V: image_aspect_ratio="pad" loads
+    GSAI-ML/LLaDA-V, whose "anyres_max_4" is refused). Every tensor must be in the files, and no other."""
     path = check_checkpoint_dir(path)
+    config_class, model_class = model_classes(read_config_json(path))
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model, info = LLaDAModelLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    if config_overrides or model_class is LLaDAVModelLM:
+        try:
+            kwargs["config"] = config_class.from_pretrained(path, **config_overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path / 'config.json'}: {e}") from None
+    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
     # from_pretrained fills a missing tensor with fresh random values and drops an unknown one, with a
     # log line at most: either would train or export another model than the checkpoint holds.
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         if info.get(kind):
             names = sorted(map(str, info[kind]))
-            raise ValueError(f"{str(path)!r}: not a LLaDA checkpoint this model loads whole; "
+            raise ValueError(f"{str(path)!r}: not a {model_class.__name__} checkpoint this model loads whole; "
                              f"{kind.replace('_', ' ')}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    if isinstance(model, LLaDAVModelLM):
+        model.freeze_vision_tower()  # loading may hand back fresh Parameters
     return model
 
 
@@ -147,9 +193,9 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_checkpoint(path: str | Path, dtype=None):
-    """(model, tokenizer) from a local directory: the tiny shipped one or a real LLaDA checkpoint."""
-    model, tok = load_model(path, dtype), load_tokenizer(path)
+def load_checkpoint(path: str | Path, dtype=None, **config_overrides):
+    """(model, tokenizer) from a local directory: the tiny shipped one or a real LLaDA / LLaDA-V checkpoint."""
+    model, tok = load_model(path, dtype, **config_overrides), load_tokenizer(path)
     if model.config.mask_token_id != tok.mask_token_id:
         raise ValueError(
             f"checkpoint {str(path)!r}: config.json mask_token_id={model.config.mask_token_id} but the tokenizer's "

@@ -337,35 +337,58 @@ class LLaDAModelLM(PreTrainedModel):
         `logits_span=(a, b)` computes the head for input positions a..b only: a sampler needs one
         block's logits, and [B, T, vocab] of them is most of the memory at LLaDA's 126k vocabulary."""
         t = self.model.transformer
-        B, T = input_ids.shape
-        full_T = T if kv_cache is None else kv_cache[0][0].shape[2]
-        if kv_cache is not None and (cache_span is None or cache_span[1] - cache_span[0] != T):
-            raise ValueError(f"kv_cache needs cache_span=(lo, hi) with hi - lo = {T} input positions, got {cache_span}")
-        x = t.wte(input_ids)
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(full_T, device=input_ids.device).expand(B, full_T)
-            else:
-                # Left padding shifts positions, so a padded row sees the same RoPE phases as unpadded.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        if kv_cache is not None and position_ids.shape[1] == full_T:
-            position_ids = position_ids[:, cache_span[0]:cache_span[1]]
-        cos, sin = rope_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta)
-        attn_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            attn_mask = attention_mask.bool()[:, None, None, :]  # keys only: attention is bidirectional
-        kv = []
-        # Only a training forward that builds a graph recomputes its blocks in backward; no_grad passes
-        # (old/ref log-probs, every sampler and its key/value caches) run the blocks directly.
-        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for i, block in enumerate(t.blocks):
-            args = (x, cos, sin, attn_mask, None if kv_cache is None else kv_cache[i], cache_span)
-            x, fresh = self._gradient_checkpointing_func(block.__call__, *args) if checkpointed else block(*args)
-            if return_kv:
-                kv.append(fresh)
-        if logits_span is not None:
-            x = x[:, logits_span[0]:logits_span[1]]
-        x = t.ln_f(x)
         head = t.wte.weight if self.config.weight_tying else t.ff_out.weight
-        logits = F.linear(x, head)
-        return DiffusionLMOutput(logits=logits, kv=kv if return_kv else None)
+        return transformer_forward(
+            self, t.wte(input_ids), t.blocks, t.ln_f, head, attention_mask=attention_mask, position_ids=position_ids,
+            kv_cache=kv_cache, cache_span=cache_span, return_kv=return_kv, logits_span=logits_span,
+        )
+
+
+def transformer_forward(
+    model: PreTrainedModel,
+    x: torch.Tensor,
+    blocks,
+    final_norm: nn.Module,
+    head: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    kv_cache: KVCache | None = None,
+    cache_span: tuple[int, int] | None = None,
+    return_kv: bool = False,
+    logits_span: tuple[int, int] | None = None,
+) -> DiffusionLMOutput:
+    """LLaDAModelLM.forward from the input embeddings x [B, T, d] on: RoPE positions, the padding mask,
+    LLaDABlock-compatible `blocks`, `final_norm` and the `head` weight [vocab, d]. Shared by every model
+    with this trunk (LLaDA, LLaDA-V), so the cache and span semantics are one code path. `model` supplies
+    config.d_model / n_heads / rope_theta and the gradient checkpointing switches."""
+    B, T = x.shape[:2]
+    full_T = T if kv_cache is None else kv_cache[0][0].shape[2]
+    if kv_cache is not None and (cache_span is None or cache_span[1] - cache_span[0] != T):
+        raise ValueError(f"kv_cache needs cache_span=(lo, hi) with hi - lo = {T} input positions, got {cache_span}")
+    if position_ids is None:
+        if attention_mask is None:
+            position_ids = torch.arange(full_T, device=x.device).expand(B, full_T)
+        else:
+            # Left padding shifts positions, so a padded row sees the same RoPE phases as unpadded.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    if kv_cache is not None and position_ids.shape[1] == full_T:
+        position_ids = position_ids[:, cache_span[0]:cache_span[1]]
+    config = model.config
+    cos, sin = rope_cos_sin(position_ids, config.d_model // config.n_heads, config.rope_theta)
+    attn_mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        attn_mask = attention_mask.bool()[:, None, None, :]  # keys only: attention is bidirectional
+    kv = []
+    # Only a training forward that builds a graph recomputes its blocks in backward; no_grad passes
+    # (old/ref log-probs, every sampler and its key/value caches) run the blocks directly.
+    checkpointed = model.gradient_checkpointing and model.training and torch.is_grad_enabled()
+    for i, block in enumerate(blocks):
+        args = (x, cos, sin, attn_mask, None if kv_cache is None else kv_cache[i], cache_span)
+        x, fresh = model._gradient_checkpointing_func(block.__call__, *args) if checkpointed else block(*args)
+        if return_kv:
+            kv.append(fresh)
+    if logits_span is not None:
+        x = x[:, logits_span[0]:logits_span[1]]
+    x = final_norm(x)
+    logits = F.linear(x, head)
+    return DiffusionLMOutput(logits=logits, kv=kv if return_kv else None)
