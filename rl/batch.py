@@ -5,6 +5,9 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+# The placeholder id of a model's image-newline embedding (LLaDA-V): the same in every image, never renumbered.
+IMAGE_NEWLINE = -(2**31)
+
 
 @dataclass
 class RolloutBatch:
@@ -28,10 +31,11 @@ class RolloutBatch:
     tokens_per_step: torch.Tensor | None = None  # [B] float, answer tokens committed per denoising step
     seconds: float = 0.0  # wall time of the generation (of the slowest worker, after concat)
     # Continuous image inputs (LLaDA-V): prompt id -(1 + k) is row k of the image features, i.e. token
-    # k % image_tokens of image k // image_tokens. The images of a batch are its prompts' (each once,
-    # whatever G is), so they are batch-wide, not per sample: select() keeps them whole.
+    # k % image_tokens of image k // image_tokens (and IMAGE_NEWLINE, where the model appends its newline
+    # embedding). The images of a batch are its prompts' (each once, whatever G is), so they are
+    # batch-wide, not per sample: select() keeps them whole.
     pixels: torch.Tensor | None = None  # [n_images, H, W, 3] uint8, at the vision tower's input size
-    image_tokens: int = 0  # placeholder positions per image
+    image_tokens: int = 0  # feature rows per image (the tower's tokens)
     image_features: torch.Tensor | None = None  # [n_images, image_tokens, D], the tower's, computed once
 
     BATCH_WIDE = ("pixels", "image_tokens", "image_features", "group_size", "seconds")
@@ -101,7 +105,8 @@ def _shared_images(parts: list[RolloutBatch]) -> list[RolloutBatch]:
         if p.pixels is None:  # a text-only part beside image parts: an empty table, so cat() keeps the rest
             out.append(replace(p, pixels=some.pixels[:0], image_tokens=some.image_tokens))
             continue
-        shifted = torch.where(p.prompt_ids < 0, p.prompt_ids - offset, p.prompt_ids)
+        rows = (p.prompt_ids < 0) & (p.prompt_ids != IMAGE_NEWLINE)
+        shifted = torch.where(rows, p.prompt_ids - offset, p.prompt_ids)
         out.append(replace(p, prompt_ids=shifted, image_features=None))
         offset += len(p.pixels) * p.image_tokens
     return out

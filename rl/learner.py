@@ -22,11 +22,13 @@ from rl.config import OptimConfig, build, check_memory
 from rl.errors import fail
 from rl.estimators import build_estimator
 from rl.models import check_checkpoint_dir, load_model, load_tokenizer
+from rl.models.llada_v import LORA_TARGETS as LLADA_V_LORA_TARGETS
 from rl.update import policy_update
 
 # LLaDA's projections inside the blocks; a regex, because the bare name "ff_out" would also put an
-# adapter on the untied LM head (model.transformer.ff_out).
-LORA_TARGETS = r".*\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)"
+# adapter on the untied LM head (model.transformer.ff_out). LLaDA-V's language model names them LLaMA's
+# way; anchored at its model.layers, so the frozen SigLIP tower's own q_proj/... stay without adapters.
+LORA_TARGETS = rf".*\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)|{LLADA_V_LORA_TARGETS}"
 LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": LORA_TARGETS}
 LORA_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}  # the names recipes use
 METRICS = ("pg_loss", "pg_clipfrac", "ppo_kl", "kl_loss", "entropy", "grad_norm", "skipped_steps", "lr")

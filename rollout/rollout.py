@@ -110,7 +110,8 @@ def rollout(model, tokenizer, rows: list[dict], group_size: int, sampler: Sample
             continue
         policy = model
         if continuous:
-            ids, mask, pixels = encode_image_prompts(tokenizer, [expanded[i] for i in idx], model.tokens_per_image)
+            ids, mask, pixels = encode_image_prompts(tokenizer, [expanded[i] for i in idx],
+                                                     model.image_placeholder_ids, model.config.system_prompt)
             if pixels is not None:  # each prompt's images through the vision tower once, for all G answers
                 policy = WithImages(model, model.encode_images(pixels))
         else:

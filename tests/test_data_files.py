@@ -114,8 +114,13 @@ def test_verl_images_column(tmp_path):
     none = [{**VERL[0], "images": None}, {**VERL[1], "images": None}]
     assert "images" not in load_file(write_jsonl(tmp_path / "none.jsonl", none))[0]
     some = [{**VERL[0], "images": []}, {**VERL[1], "images": [{"bytes": None, "path": "cat.png"}]}]
-    assert re.match(r".*some\.jsonl:2: row 1 column 'images': image prompts in verl's layout are not supported",
-                    error(write_jsonl(tmp_path / "some.jsonl", some)))
+    rows = load_file(write_jsonl(tmp_path / "some.jsonl", some))
+    assert "images" not in rows[0] and rows[1]["images"] == [{"bytes": None, "path": "cat.png"}]
+    # kept for a model that reads images (tests/test_llada_v_rl.py); a text or unified-token model refuses them
+    with pytest.raises(ValueError, match=r"some\.jsonl: row 1 has prompt images \('images', verl's multimodal"):
+        loader.load_split({"train_file": str(tmp_path / "some.jsonl")}, "train", 0, model_dir=str(TINY_CHECKPOINT))
+    assert re.match(r".*bad\.jsonl:1: row 0 column 'images': expected a list of images, got str",
+                    error(write_jsonl(tmp_path / "bad.jsonl", [{**VERL[0], "images": "cat.png"}])))
 
 
 def test_trl_extra_columns_reach_the_rewards_as_plain_lists(tmp_path):

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -51,7 +52,8 @@ def final_weights(run_dir):
 
 @pytest.mark.slow
 def test_resume_continues_exactly(local_ray, tmp_path):
-    """4 steps straight == resume from the step-2 checkpoint + 2 steps: same weights, same metrics."""
+    """4 steps straight == resume from the step-2 checkpoint + 2 steps: same weights, same metrics; so
+    does resume=auto when the newest checkpoint is damaged (it takes the intact older one)."""
     straight = run(tmp_path, "trainer.total_steps=4", "trainer.save_every=2", name="a")
     step2 = tmp_path / "a" / "checkpoints" / "global_step_2"
     resumed = run(tmp_path, "trainer.total_steps=4", "trainer.save_every=2", f"trainer.resume={step2}", name="b")
@@ -63,6 +65,22 @@ def test_resume_continues_exactly(local_ray, tmp_path):
 
     assert [m["step"] for m in resumed] == [3, 4]
     assert stable(straight)[3:] == stable(resumed)
+
+    # resume=auto in a copy of run a whose newest checkpoint is damaged: the driver falls back to the
+    # intact step 2, names the damaged file, and ends where the straight run did.
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    newest = tmp_path / "c" / "checkpoints" / "global_step_4"
+    biggest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    (tmp_path / "c" / "metrics.jsonl").write_text("")
+    with pytest.warns(UserWarning, match=rf"global_step_4 is damaged: .*{biggest.name}.*resuming from .*global_step_2"):
+        fallback = run(tmp_path, "trainer.total_steps=4", "trainer.save_every=2", "trainer.resume=auto", name="c")
+    assert [m["step"] for m in fallback] == [3, 4]
+    assert stable(straight)[3:] == stable(fallback)
+    c = final_weights(tmp_path / "c")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_dead_actors_are_named_restarted_and_the_step_retried_or_failed_cleanly(local_ray, tmp_path, caplog):

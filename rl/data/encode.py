@@ -71,26 +71,27 @@ def image_prompt(row: dict, where: str = "row") -> list[dict]:
     return messages
 
 
-def encode_image_prompts(tokenizer, rows: list[dict], image_tokens: int):
-    """Prompt ids, mask and image table for a model fed continuous image features (LLaDA-V): each
-    <image> becomes `image_tokens` placeholder ids -(1 + k), k indexing the rows of the table's
-    features. As LLaVA's tokenizer_image_token, the chat-formatted text is split at each <image> and
-    the pieces tokenized apart. A prompt shared by several rows (the G answers of one prompt, which
-    share one row dict) puts its images in the table once. Rows without `pixels` are plain text."""
+def encode_image_prompts(tokenizer, rows: list[dict], placeholder_ids, system: str | None = None):
+    """Prompt ids, mask and image table for a model fed continuous image features (LLaDA-V): the k-th
+    image of the table is spelled `placeholder_ids(k)` (negative ids, LLaDAVModelLM.image_placeholder_ids)
+    in place of its <image>. As LLaVA's tokenizer_image_token, the chat-formatted text is split at each
+    <image> and the pieces tokenized apart. A prompt shared by several rows (the G answers of one prompt
+    share one row dict) puts its images in the table once. Rows without `pixels` are plain text.
+    `system`: the system message of the model's conversation template, unless a row brings its own."""
     seqs, images, first = [], [], {}
     for i, row in enumerate(rows):
         pixels = row.get("pixels") or []
         messages = image_prompt(row, f"row {i}")
+        if system and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": system}, *messages]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if id(row) not in first:
             first[id(row)] = len(images)
             images.extend(pixels)
-        base = first[id(row)]
         pieces = text.split(IMAGE) if pixels else [text]
         seq = tokenizer(pieces[0], add_special_tokens=False)["input_ids"]
         for j, piece in enumerate(pieces[1:]):
-            start = (base + j) * image_tokens
-            seq += [-(1 + start + t) for t in range(image_tokens)]
+            seq += placeholder_ids(first[id(row)] + j)
             seq += tokenizer(piece, add_special_tokens=False)["input_ids"]
         seqs.append(torch.tensor([seq]))
     ids = RolloutBatch.left_pad(seqs, tokenizer.pad_token_id)

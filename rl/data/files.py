@@ -222,12 +222,13 @@ def _answer(record: dict, key: str, where: str):
 
 
 def _drop_empty_images(row: dict, where: str) -> None:
+    # verl's multimodal parquet keeps a row's prompt images in `images` (a list); text rows have none.
+    # rl.data.loader reads them for a model that takes images (LLaDA-V) and refuses them otherwise.
     images = row.get("images")
     if images is None or images == [] or images == "":
         row.pop("images", None)
-        return
-    raise ValueError(f"{where} column 'images': image prompts in verl's layout are not supported for this model "
-                     "type yet; an image-conditioned row takes mode: mmu, a string prompt and image: a file path")
+    elif not isinstance(images, list):
+        raise ValueError(f"{where} column 'images': expected a list of images, got {type(images).__name__}")
 
 
 def _short(value, n: int = 60) -> str:

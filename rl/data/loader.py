@@ -51,6 +51,12 @@ def load_split(task_cfg, split: str, seed: int, model_dir: str | None = None) ->
             rows = drop_overlong(rows, source, max_len, filter_overlong, model_dir)
         if vision_size is not None:  # LLaDA-V: the images as its tower's pixels, read and checked once
             attach_pixels(rows, vision_size, source)
+        else:
+            bad = next((i for i, r in enumerate(rows) if r.get("images")), None)
+            if bad is not None:
+                raise ValueError(f"{source}: row {bad} has prompt images ('images', verl's multimodal layout), which "
+                                 "need a model that reads image features (LLaDA-V, e.g. model=tiny_llada_v); a "
+                                 "unified-token model (MMaDA) takes mode: mmu with image: a file path")
         while len(_LOADED) >= _LOADED_MAX:
             del _LOADED[next(iter(_LOADED))]
         _LOADED[key] = rows

@@ -173,16 +173,12 @@ def load_model(path: str | Path, dtype=None, **config_overrides) -> LLaDAModelLM
 def vision_input_size(path: str | Path) -> int | None:
     """The image size a model folder's vision tower takes (LLaDA-V), or None for a model without one.
     Reads config.json only."""
-    config = Path(path) / "config.json"
     try:
-        raw = json.loads(config.read_text())
+        raw = json.loads((Path(path) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None  # check_model_files names the problem
-    if raw.get("model_type") != "llava_llada":
-        return None
-    from .llada_v import LLaDAVConfig
-
-    return LLaDAVConfig(**raw).image_size
+    config_class, _ = model_classes(raw)
+    return config_class.from_dict(raw).image_size if config_class is LLaDAVConfig else None
 
 
 def load_tokenizer(path: str | Path):

@@ -55,13 +55,19 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from rl.batch import IMAGE_NEWLINE
 from rl.errors import fail
 
 from .llada import LLADA_EOS_ID, DiffusionLMOutput, KVCache, LLaDABlock, RMSNorm, transformer_forward
 
 # The placeholder id of LLaDA-V's image_newline embedding. Every other negative id -(1 + k) is feature row k;
 # this one would be row 2**31 - 1, more rows than any batch of images has.
-IMAGE_NEWLINE_ID = -(2**31)
+IMAGE_NEWLINE_ID = IMAGE_NEWLINE
+
+# LLaDA-V's conversation template (conversation.py conv_llava_llada, used by its demo and evaluation): this system
+# message, then LLaDA's chat format with "<image>\n" before the question.
+LLADA_V_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                  "that the user provides, and assist the user with a variety of tasks using natural language.")
 
 # Hub ids whose tower architecture is known here, so a config naming one needs no download. LLaDA-V's
 # SigLipVisionConfig defaults (siglip_encoder.py) and the hub's google/siglip-so400m-patch14-384 vision_config;
@@ -146,6 +152,7 @@ class LLaDAVConfig(PretrainedConfig):
         image_aspect_ratio: str | None = None,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
+        system_prompt: str | None = LLADA_V_SYSTEM,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -177,6 +184,9 @@ class LLaDAVConfig(PretrainedConfig):
         self.mm_use_im_start_end = mm_use_im_start_end
         self.add_faster_video = add_faster_video
         self.image_aspect_ratio = image_aspect_ratio
+        # The system message of the model's conversation template (not a key of LLaDA-V's config.json, whose
+        # template, conv_llava_llada, always sends LLADA_V_SYSTEM; null = none, as the tiny model is trained).
+        self.system_prompt = system_prompt
         default_mean, default_std = NORMALISATION.get(self.vision_config.model_type, (None, None))
         self.image_mean = list(default_mean) if image_mean is None and default_mean else image_mean
         self.image_std = list(default_std) if image_std is None and default_std else image_std
