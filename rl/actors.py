@@ -71,6 +71,7 @@ class Actors:
 
     def __init__(self, cfg: DictConfig, model_path: str, accuracy_keys: list[str], learners: bool = True):
         self.cfg, self.model_path, self.accuracy_keys = cfg, model_path, accuracy_keys
+        self.config_overrides = OmegaConf.to_container(cfg.model.get("config_overrides") or {})
         self.weights = None  # ObjectRef of the newest policy weights, for (re)started rollout workers
         start_ray(cfg.ray, cfg.trainer.device)
         n, m, k = cfg.rollout.num_workers, cfg.reward.num_workers, cfg.trainer.num_learners if learners else 0
@@ -124,7 +125,8 @@ class Actors:
                     self.model_path, algorithm, optim, cfg.trainer.zero_stage, r, k, addr, port, lora, cfg.seed,
                     cfg.trainer.device, bf16=cfg.model.dtype == "bfloat16",
                     gradient_checkpointing=cfg.model.gradient_checkpointing, offload=cfg.trainer.offload,
-                    micro_batch=cfg.trainer.micro_batch, ref_device=cfg.trainer.ref_device)
+                    micro_batch=cfg.trainer.micro_batch, ref_device=cfg.trainer.ref_device,
+                    config_overrides=self.config_overrides)
                 for r in range(k)
             ]
             try:
@@ -153,7 +155,8 @@ class Actors:
         actor = ray.remote(RolloutWorker).options(
             name=f"rollout-{i}", num_cpus=1, num_gpus=gpu, scheduling_strategy=self._bundle(i),
             runtime_env=self._env()).remote(self.model_path, sampler, self.cfg.ray.threads_per_actor,
-                                            self.cfg.trainer.device, r.micro_batch, self.cfg.model.dtype)
+                                            self.cfg.trainer.device, r.micro_batch, self.cfg.model.dtype,
+                                            self.config_overrides)
         if self.weights is not None:
             ray.get(actor.load_weights.remote(self.weights))
         return actor

@@ -90,11 +90,19 @@ class ModelConfig:
     # Models with image codes (LLaDAConfig.codebook_size > 0): the image tokenizer's directory
     # (rl/models/vq.py; config.json + model.safetensors). null = the shipped tiny VQ.
     image_tokenizer: Optional[str] = None
+    # Values that replace the checkpoint's config.json ones wherever the model is loaded, e.g.
+    # {image_aspect_ratio: pad} for GSAI-ML/LLaDA-V, whose anyres_max_4 tiling is not implemented.
+    # Typed Any for the reason lora is.
+    config_overrides: Any = None
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
         if not isinstance(self.gradient_checkpointing, bool):
             _bad("model.gradient_checkpointing", self.gradient_checkpointing, "expected true or false")
+        if self.config_overrides is None:
+            self.config_overrides = {}
+        if not isinstance(self.config_overrides, dict):
+            _bad("model.config_overrides", self.config_overrides, "expected a mapping of config.json keys to values")
         if self.lora is not None and not isinstance(self.lora, dict):
             _bad("model.lora", self.lora, "expected null or a mapping of LoRA settings, e.g. '{r: 16, alpha: 32}'")
 
@@ -412,7 +420,7 @@ def validate(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")) -> Con
     c: Config = build(Config, cfg)
 
     try:
-        check_model_files(model_path(c))
+        check_model_files(model_path(c), **c.model.config_overrides)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.path: {e}") from None
     tok_dir = image_tokenizer_path(c)

@@ -131,7 +131,7 @@ class Learner:
                  world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500,
                  lora: dict | None = None, seed: int = 0, device: str = "cpu", bf16: bool = False,
                  gradient_checkpointing: bool = False, offload: str = "none", micro_batch: int = 0,
-                 ref_device: str = "same"):
+                 ref_device: str = "same", config_overrides: dict | None = None):
         est_kwargs = dict(algorithm)
         name, self.mu = est_kwargs.pop("name"), est_kwargs.pop("mu", 1)
         self.optim = build(OptimConfig, optim, "trainer.optim.")
@@ -149,7 +149,8 @@ class Learner:
         self.micro_batch = micro_batch
         build_estimator(name, **est_kwargs)  # before the model loads: a bad name or value costs nothing
         check_checkpoint_dir(model_path)
-        self.mask_id = AutoConfig.from_pretrained(model_path).mask_token_id
+        self.config_overrides = dict(config_overrides or {})  # model.config_overrides
+        self.mask_id = AutoConfig.from_pretrained(model_path, **self.config_overrides).mask_token_id
         self.estimator = build_estimator(name, **est_kwargs, mask_id=self.mask_id)
 
         self.model_path, self.rank, self.world_size = str(model_path), rank, world_size
@@ -162,7 +163,7 @@ class Learner:
         # model.dtype, whatever the checkpoint stores. DeepSpeed casts a bf16 policy's module to bf16 before
         # it builds the fp32 masters from it, so loading bf16 loses nothing and halves host memory.
         self.dtype = torch.bfloat16 if bf16 else torch.float32
-        policy = load_model(model_path, self.dtype)
+        policy = load_model(model_path, self.dtype, **self.config_overrides)
         if gradient_checkpointing:
             # On the base model, before peft wraps it; non-reentrant, so LoRA's frozen inputs need no grad.
             policy.activation_checkpointing_enable({"use_reentrant": False})
@@ -205,7 +206,8 @@ class Learner:
 
     def _load_reference(self, device: torch.device | None = None):
         """The frozen reference on the policy's device, or whole in CPU memory (device=cpu)."""
-        ref = load_model(self.model_path, self.dtype).to(device or self.device).eval().requires_grad_(False)
+        ref = load_model(self.model_path, self.dtype, **self.config_overrides)
+        ref = ref.to(device or self.device).eval().requires_grad_(False)
         if self.zero_stage != 3 or device is not None:
             return ref
         # Under ZeRO-3 the policy is sharded because it does not fit on one rank; neither does a

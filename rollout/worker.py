@@ -31,11 +31,11 @@ def override_sampler(rollout_cfg: dict, override: dict) -> SamplerConfig:
 
 class RolloutWorker:
     def __init__(self, model_path: str, sampler: dict, threads: int = 1, device: str = "cpu", micro_batch: int = 0,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", config_overrides: dict | None = None):
         """dtype: the weights' dtype (model.dtype; bfloat16 on CUDA); the learner's fp32 weights are cast
-        into it by load_weights."""
+        into it by load_weights. config_overrides: model.config_overrides."""
         torch.set_num_threads(threads)
-        self.model, self.tokenizer = load_checkpoint(model_path, getattr(torch, dtype))
+        self.model, self.tokenizer = load_checkpoint(model_path, getattr(torch, dtype), **(config_overrides or {}))
         self.model.to(device).eval()
         self.sampler_keys, self.sampler = sampler, sampler_config(sampler)
         self.image_sampler = ImageSamplerConfig(**(sampler.get("image") or {}))

@@ -88,9 +88,12 @@ def prompt(model, image, text=(5, 6, 7), answer=(8, 9, 3, 3)):
 
 @pytest.fixture(scope="module")
 def published_dir(tmp_path_factory):
+    return write_published(tmp_path_factory.mktemp("llada-v"))
+
+
+def write_published(path):
     """A tiny random LLaDA-V written as GSAI-ML/LLaDA-V is: its config.json keys (anyres_max_4 included) and
     tensor names, plus a tokenizer; returns (path, the model it was written from)."""
-    path = tmp_path_factory.mktemp("llada-v")
     tok = train_tokenizer(["Ann has 12 apples and gets 3 more.", "What is in the picture?"] * 3, vocab_size=270)
     model = tiny_model(vocab_size=len(tok), mask_token_id=tok.mask_token_id)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"),

@@ -20,7 +20,7 @@ from rollout.fast import FastSamplerConfig
 from rollout.rollout import rollout
 from rollout.sampler import SamplerConfig
 from tests.conftest import compose_cfg
-from tests.test_llada_v import TINY, tiny_model
+from tests.test_llada_v import TINY, tiny_model, write_published
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("restore_env")
@@ -229,3 +229,26 @@ def test_llada_v_trains_through_the_driver(local_ray, vdir, tmp_path):
     saved = LLaDAVModelLM.from_pretrained(tmp_path / "run" / "checkpoints" / "global_step_2" / "actor" / "hf")
     assert saved.config.model_type == "llava_llada"
     assert TINY["mm_projector_type"] == saved.config.mm_projector_type
+
+
+def test_config_overrides_load_the_published_layout_everywhere(tmp_path):
+    """GSAI-ML/LLaDA-V's anyres_max_4 is refused by name; model.config_overrides={image_aspect_ratio: pad}
+    makes the config check, the rollout worker and the learner load it."""
+    from rl.learner import Learner
+    from rollout.worker import RolloutWorker
+    from tests.test_learner import OPTIM, UNIGRPO, free_port
+
+    path, _ = write_published(tmp_path)
+    base = [f"model.path={path}", "task=shapes_qa", "task.train={shapes_qa: 4}", "task.val={shapes_qa: 2}"]
+    with pytest.raises(ConfigError, match=r"model.path: .*config.json.*image_aspect_ratio='anyres_max_4'"):
+        validate(compose_cfg(*base, base=[]))
+    validate(compose_cfg(*base, "model.config_overrides={image_aspect_ratio: pad}", base=[]))
+    worker = RolloutWorker(str(path), {"sampler": "reference", "gen_length": 4, "block_length": 4, "steps": 4},
+                           config_overrides={"image_aspect_ratio": "pad"})
+    assert worker.model.config.image_aspect_ratio == "pad"
+    lrn = Learner(str(path), UNIGRPO, OPTIM, 0, rank=0, world_size=1, master_port=free_port(),
+                  config_overrides={"image_aspect_ratio": "pad"})
+    try:
+        assert lrn.module.config.image_aspect_ratio == "pad" and lrn.ref.config.image_aspect_ratio == "pad"
+    finally:
+        lrn.close()

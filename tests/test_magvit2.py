@@ -288,3 +288,28 @@ def test_config_dispatch_and_config_errors(small, tmp_path):
                                                           "z_channels": 7})
     with pytest.raises(ValueError, match="wrong shape for MAGVIT-v2"):
         load_image_tokenizer(wrong)
+
+
+def test_reward_worker_and_image_grid_take_magvit2_as_they_take_the_vq(small, tmp_path):
+    """One interface: the reward worker decodes generated MAGVIT-v2 codes in memory for CLIP, and the
+    driver's image grid decodes them, exactly as with the tiny VQ."""
+    import math
+
+    from rewards.worker import RewardWorker
+    from rl.data.tasks import make_rows
+    from rl.tracking import save_image_grid
+
+    model, path = small
+    rows = make_rows("t2i", 2, seed=3, split="val")
+    codes = model.encode(images(2)).tolist()
+    worker = RewardWorker([{"name": "clip", "weight": 0.1, "key": "clip_score", "tasks": ["t2i"]}], ["clip_score"],
+                          str(path))
+    try:
+        out = worker.score([r["prompt"] for r in rows], ["", ""], rows, codes)
+    finally:
+        worker.close()
+    assert all(math.isfinite(v) for v in out.components["clip_score"])
+    tok = load_image_tokenizer(path)
+    grid = tmp_path / "grid.png"
+    save_image_grid(grid, tok.decode(codes).numpy(), [r["prompt"] for r in rows], tok.decode(codes).numpy())
+    assert grid.read_bytes()[:4] == b"\x89PNG"

@@ -178,7 +178,10 @@ def vision_input_size(path: str | Path) -> int | None:
     except (OSError, json.JSONDecodeError):
         return None  # check_model_files names the problem
     config_class, _ = model_classes(raw)
-    return config_class.from_dict(raw).image_size if config_class is LLaDAVConfig else None
+    if config_class is not LLaDAVConfig:
+        return None
+    # The input size does not depend on the aspect-ratio handling, which check_model_files judges.
+    return config_class.from_dict(raw, image_aspect_ratio="square").image_size
 
 
 def load_tokenizer(path: str | Path):
