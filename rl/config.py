@@ -28,7 +28,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from rewards.combine import check_reward_config
 from rl.errors import ConfigError, fail
 from rl.estimators import build_estimator
-from rl.models import TINY_CHECKPOINT, check_model_files, resolve_model_dir, vision_input_size
+from rl.models import TINY_CHECKPOINT, check_model_files, load_config, resolve_model_dir, vision_input_size
 from rl.tracking import LOGGERS
 from rollout.image import ImageSamplerConfig
 from rollout.rollout import SAMPLERS, WORKER_KEYS, sampler_config
@@ -423,6 +423,11 @@ def validate(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")) -> Con
         check_model_files(model_path(c), **c.model.config_overrides)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.path: {e}") from None
+    if vision_input_size(model_path(c)) is not None:
+        aspect = load_config(model_path(c), **c.model.config_overrides).image_aspect_ratio
+        if aspect == "pad":  # task images are resized whole (rl.data.loader.attach_pixels): LLaDA-V's "square"
+            _bad("model.config_overrides.image_aspect_ratio", aspect, "expected square or null (the model's "
+                 "config.json says pad): task images are resized whole to the tower's input, not padded first")
     tok_dir = image_tokenizer_path(c)
     if tok_dir is not None and not (Path(tok_dir) / "config.json").is_file():
         _bad("model.image_tokenizer", tok_dir,

@@ -33,7 +33,8 @@ def vdir(tmp_path_factory):
     tok = train_tokenizer(["How many shapes are there? <think>red circle</think><answer>2</answer>",
                            "Ann has 12 apples and gets 3 more."] * 3, vocab_size=300)
     model = tiny_model(vocab_size=len(tok), mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, system_prompt="Look closely.")
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, system_prompt="Look closely.",
+                       image_aspect_ratio="square")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -242,7 +243,9 @@ def test_config_overrides_load_the_published_layout_everywhere(tmp_path):
     base = [f"model.path={path}", "task=shapes_qa", "task.train={shapes_qa: 4}", "task.val={shapes_qa: 2}"]
     with pytest.raises(ConfigError, match=r"model.path: .*config.json.*image_aspect_ratio='anyres_max_4'"):
         validate(compose_cfg(*base, base=[]))
-    validate(compose_cfg(*base, "model.config_overrides={image_aspect_ratio: pad}", base=[]))
+    validate(compose_cfg(*base, "model.config_overrides={image_aspect_ratio: square}", base=[]))
+    with pytest.raises(ConfigError, match=r"model.config_overrides.image_aspect_ratio='pad': expected square"):
+        validate(compose_cfg(*base, "model.config_overrides={image_aspect_ratio: pad}", base=[]))
     worker = RolloutWorker(str(path), {"sampler": "reference", "gen_length": 4, "block_length": 4, "steps": 4},
                            config_overrides={"image_aspect_ratio": "pad"})
     assert worker.model.config.image_aspect_ratio == "pad"

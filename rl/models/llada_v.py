@@ -37,7 +37,7 @@ with image_newline after every row of patches: a variable number of positions pe
 implemented: a config saying anyres* is refused with a ValueError. Override it to load the published weights
 (image_newline included) and use one 384px view per image, LLaDA-V's own single-crop path:
 
-    load_model(path, image_aspect_ratio="pad")            # or "square", or None
+    load_model(path, image_aspect_ratio="square")         # or "pad", or None
     LLaDAVConfig.from_pretrained(path, image_aspect_ratio="pad")
 
 "pad": the caller pads the image to a square with (127, 127, 127) (int(0.5 * 255), SigLIP's mean) and resizes
