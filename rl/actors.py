@@ -71,7 +71,8 @@ class Actors:
 
     def __init__(self, cfg: DictConfig, model_path: str, accuracy_keys: list[str], learners: bool = True):
         self.cfg, self.model_path, self.accuracy_keys = cfg, model_path, accuracy_keys
-        self.config_overrides = OmegaConf.to_container(cfg.model.get("config_overrides") or {})
+        overrides = cfg.model.get("config_overrides")
+        self.config_overrides = OmegaConf.to_container(overrides) if isinstance(overrides, DictConfig) else {}
         self.weights = None  # ObjectRef of the newest policy weights, for (re)started rollout workers
         start_ray(cfg.ray, cfg.trainer.device)
         n, m, k = cfg.rollout.num_workers, cfg.reward.num_workers, cfg.trainer.num_learners if learners else 0
