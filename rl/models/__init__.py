@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .llada import LLaDAConfig, LLaDAModelLM
+from .tokenizer import check_image_vocab
 
 # The Auto classes LLaDA-8B's config.json maps to its LLaDAModelLM (auto_map: AutoConfig, AutoModel,
 # AutoModelForCausalLM), so code written for LLaDA loads this one after `import rl.models`, with no
@@ -155,4 +156,5 @@ def load_checkpoint(path: str | Path, dtype=None):
             f"checkpoint {str(path)!r}: config.json mask_token_id={model.config.mask_token_id} but the tokenizer's "
             f"mask token has id {tok.mask_token_id}"
         )
+    check_image_vocab(model.config, tok, f"checkpoint {str(path)!r}")
     return model, tok
