@@ -3,10 +3,13 @@
     python -m recipes.build_tiny_mmada [--out DIR]
 
 Starting point: recipes/assets/tiny-llada and the tiny VQ (recipes/assets/tiny-vq). The tokenizer
-gains MMaDA's markers (<|soi|> <|eoi|> <|t2i|> <|mmu|>) and the scene words (rl/data/shapes.py
-WORDS: colours, shapes, backgrounds), which leave the text tasks' tokens unchanged; the vocabulary
-gains one row per VQ code after the text tokens (LLaDAConfig.codebook_size). Training mixes, with
-the masked-diffusion SFT loss (rl/sft.py):
+gains LLaDA's reserved tokens <|reserved_token_0..10|> (special tokens, as in LLaDA-8B's tokenizer),
+which are MMaDA's markers (<|soi|> = reserved 0, <|eoi|> 1, <|t2i|> 4, <|mmu|> 5, ...), and then the
+scene words (rl/data/shapes.py WORDS: colours, shapes, backgrounds); the text tasks' tokens stay as
+they were. The vocabulary gains one row per VQ code right after the tokenizer's tokens: code c is
+token len(tokenizer) + c, as in MMaDA (LLaDAConfig.codebook_size; vocab_size = len(tokenizer) + 128).
+Sequences are MMaDA's (rl/data/encode.py:encode_rows). Training mixes, with the masked-diffusion SFT
+loss (rl/sft.py):
 
 - text-to-image: caption -> the VQ codes of its scene (rl/data/shapes.py); the prompt is masked for
   10% of rows, so the model also learns the unconditional distribution classifier-free guidance needs;
@@ -38,7 +41,7 @@ from rl.data.loader import attach_image_codes
 from rl.data.tasks import make_rows
 from rl.models import TINY_CHECKPOINT, load_checkpoint
 from rl.models.llada import LLaDAConfig, LLaDAModelLM
-from rl.models.tokenizer import add_multimodal_tokens
+from rl.models.tokenizer import add_reserved_tokens, image_token_offset
 from rl.models.vq import TINY_VQ, load_image_tokenizer
 from rl.sft import sft_loss
 from rollout.fast import FastSamplerConfig
@@ -159,10 +162,10 @@ def main(argv=None):
 
     base, tok = load_checkpoint(args.init)
     vq = load_image_tokenizer(args.vq)
-    add_multimodal_tokens(tok)
+    add_reserved_tokens(tok)
     tok.add_tokens(list(shapes.WORDS))
-    model = extend(base, len(tok), vq.codebook_size, vq.tokens_per_image, args.seed)
-    offset = model.config.image_token_offset
+    offset = image_token_offset(tok)
+    model = extend(base, offset, vq.codebook_size, vq.tokens_per_image, args.seed)
     noise = random.Random(args.seed + 1)
     rows = [careless(r, noise) if r["task"] == "arithmetic" and noise.random() < args.careless else r
             for task in ("arithmetic", "countdown") for r in make_rows(task, 20000, args.seed, "train")]

@@ -73,7 +73,7 @@ class DiffusionLM(LM):
         self.model = model.to(self._device).eval()
         self.mask_id = self.tokenizer.mask_token_id
         self.end_ids = end_token_ids(self.tokenizer)
-        self.text_vocab = image_offset(self.model.config)
+        self.text_vocab = image_offset(self.model.config, self.tokenizer)
         self.sampler = sampler_config({"sampler": sampler, "gen_length": gen_length, "steps": steps,
                                        "block_length": block_length, "temperature": float(temperature),
                                        "remasking": remasking, "cfg_scale": float(cfg),

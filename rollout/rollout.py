@@ -8,7 +8,7 @@ import torch
 
 from rl.batch import RolloutBatch
 from rl.data.encode import decode_answers, encode_image_prompts, encode_rows, mode_of
-from rl.models.tokenizer import end_token_ids
+from rl.models.tokenizer import end_token_ids, image_token_offset
 from rollout.fast import FastSamplerConfig, generate_fast
 from rollout.image import ImageSamplerConfig, generate_image
 from rollout.sampler import SamplerConfig, answer_mask, generate
@@ -31,15 +31,17 @@ def sampler_config(rollout_cfg: Mapping) -> SamplerConfig:
     return SAMPLERS[name](**{k: rollout_cfg[k] for k in takes if k in rollout_cfg})
 
 
-def image_offset(config) -> int | None:
-    """Token id of image code 0 on a unified text+image model; None for a text-only model."""
-    return config.image_token_offset if getattr(config, "codebook_size", 0) else None
+def image_offset(config, tokenizer) -> int | None:
+    """Token id of image code 0 on a unified text+image model (len(tokenizer), MMaDA's layout; also the
+    end of the text vocabulary); None for a text-only model."""
+    return image_token_offset(tokenizer) if getattr(config, "codebook_size", 0) else None
 
 
 def sample(model, tokenizer, ids, mask, sampler: SamplerConfig, generator=None):
-    """Text answers; on a unified model they never draw image codes (out of distribution for a text
-    answer, and their reference log-probs are tiny, which spikes the KL term)."""
-    text_vocab = image_offset(model.config)
+    """Text answers; on a unified model they never draw image codes nor the unused rows after them
+    (out of distribution for a text answer, and their reference log-probs are tiny, which spikes the
+    KL term): only ids below len(tokenizer)."""
+    text_vocab = image_offset(model.config, tokenizer)
     if isinstance(sampler, FastSamplerConfig):
         return generate_fast(model, ids, mask, tokenizer.mask_token_id, sampler, generator,
                              end_ids=end_token_ids(tokenizer), fill_id=tokenizer.eos_token_id,
@@ -91,7 +93,7 @@ def rollout(model, tokenizer, rows: list[dict], group_size: int, sampler: Sample
     the rows' order, with answers right-padded to the longest (padding is outside the answer mask)."""
     expanded = [row for row in rows for _ in range(group_size)]
     config = model.config
-    offset = image_offset(config)
+    offset = image_offset(config, tokenizer)
     end_ids = end_token_ids(tokenizer)
     is_image = [mode_of(r) == "t2i" for r in expanded]
     continuous = takes_images(model)

@@ -76,7 +76,8 @@ def transfer_schedule(masked_per_row: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def exclude_non_text(logits: torch.Tensor, mask_id: int, text_vocab: int | None) -> None:
-    """In place: the mask token is never a prediction, nor is an image code in a text answer."""
+    """In place: the mask token is never a prediction, nor is an image code (or an unused row after the
+    codes) in a text answer: only ids below text_vocab (= len(tokenizer) on a unified model)."""
     logits[..., mask_id] = float("-inf")
     if text_vocab is not None:
         logits[..., text_vocab:] = float("-inf")
@@ -145,8 +146,8 @@ def generate(
     generator: torch.Generator | None = None,
     text_vocab: int | None = None,
 ) -> SampleOutput:
-    """text_vocab: on a unified text+image model, the first image-code id; answers draw from the
-    ids below it only."""
+    """text_vocab: on a unified text+image model, the first image-code id (len(tokenizer)); answers draw
+    from the ids below it only."""
     B, P = prompt_ids.shape
     L, bl = cfg.gen_length, cfg.block_length
     x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=prompt_ids.dtype, device=prompt_ids.device)], 1)

@@ -286,7 +286,7 @@ def test_errors_name_what_is_wrong():
 
 def test_not_a_unified_token_model():
     config = tiny_config()
-    assert config.codebook_size == 0 and config.num_vq_tokens == 0 and config.image_token_offset == 64
+    assert config.codebook_size == 0 and config.num_vq_tokens == 0
     assert (config.d_model, config.n_heads, config.n_kv_heads, config.n_layers, config.mlp_hidden_size) == (
         32, 4, 2, 2, 48)
     assert config.mask_token_id == 3 and config.eos_token_id == 126081 and not config.weight_tying

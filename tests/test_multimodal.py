@@ -13,7 +13,15 @@ from rl.data.encode import encode_prompts, encode_rows
 from rl.data.loader import attach_image_codes
 from rl.data.tasks import make_rows, validate_rows
 from rl.models.llada import LLaDAConfig, LLaDAModelLM
-from rl.models.tokenizer import EOI, SOI, add_multimodal_tokens, train_tokenizer
+from rl.models.tokenizer import (
+    BOS,
+    EOS,
+    add_reserved_tokens,
+    check_image_vocab,
+    image_token_offset,
+    multimodal_ids,
+    train_tokenizer,
+)
 from rl.models.vq import VQConfig, VQImageTokenizer, load_image_tokenizer
 from rollout.fast import FastSamplerConfig
 from rollout.image import ImageSamplerConfig, generate_image, mask_schedule
@@ -30,12 +38,14 @@ def vq():
 
 @pytest.fixture(scope="module")
 def mm():
-    """A random unified model (text vocab + 128 codes, 64 tokens per image) and its tokenizer."""
+    """A random unified model and its tokenizer: MMaDA's layout scaled down (reserved tokens 0..10 after the
+    trained vocabulary; image code c at len(tokenizer) + c, 128 codes, 64 per image; then 5 unused rows, as
+    MMaDA-8B has 115)."""
     rows = make_rows("arithmetic", 50) + make_rows("shapes_qa", 50)
     tok = train_tokenizer([r["prompt"] for r in rows] + [r["solution"] for r in rows], vocab_size=300)
-    add_multimodal_tokens(tok)
+    add_reserved_tokens(tok)
     torch.manual_seed(0)
-    cfg = LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=len(tok) + 128,
+    cfg = LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=len(tok) + 133,
                       codebook_size=128, num_vq_tokens=64, mask_token_id=tok.mask_token_id, rope_theta=10000.0,
                       max_sequence_length=512)
     return LLaDAModelLM(cfg).eval(), tok
@@ -114,19 +124,54 @@ def test_attach_image_codes_from_scene_file_and_bad_codes(vq, tmp_path):
 
 
 # ---- unified tokens -----------------------------------------------------------------------------------
-def test_config_layout_and_errors():
-    cfg = LLaDAConfig(vocab_size=134656, codebook_size=8192, num_vq_tokens=1024, mask_token_id=126336, n_layers=1,
-                      d_model=64, n_heads=2, mlp_hidden_size=64)
-    assert cfg.image_token_offset == 126464  # MMaDA-8B: text tokens, then the 8,192 codes
+def test_config_and_load_check_the_image_rows(mm, tmp_path):
     with pytest.raises(ValueError, match="codebook_size"):
         LLaDAConfig(vocab_size=100, codebook_size=100, mask_token_id=3)
-    with pytest.raises(ValueError, match=r"mask_token_id.*image_token_offset=90"):
-        LLaDAConfig(vocab_size=100, codebook_size=10, mask_token_id=95)
+    model, tok = mm
+    short = LLaDAConfig(**{**model.config.to_dict(), "vocab_size": len(tok) + 127, "embedding_size": len(tok) + 127})
+    with pytest.raises(ValueError, match=rf"here: config.json vocab_size={len(tok) + 127} is too small .* "
+                                         rf"len\(tokenizer\)={len(tok)} \+ codebook_size=128 = {len(tok) + 128} rows"):
+        check_image_vocab(short, tok, "here")
+    check_image_vocab(model.config, tok, "here")
+    plain = train_tokenizer(["a b c"], vocab_size=270)
+    with pytest.raises(ValueError, match=r"here: config.json codebook_size=128, but image rows need MMaDA's markers"):
+        check_image_vocab(model.config, plain, "here")
+    # at load: a checkpoint whose config has too few rows for its tokenizer + codebook
+    from rl.models import load_checkpoint
+    LLaDAModelLM(short).save_pretrained(tmp_path / "short")
+    tok.save_pretrained(tmp_path / "short")
+    with pytest.raises(ValueError, match=r"checkpoint .*short.*: config.json vocab_size=.* too small"):
+        load_checkpoint(tmp_path / "short")
+
+
+def test_marker_ids_are_fixed_offsets_from_reserved_token_0(mm):
+    _, tok = mm
+    r0 = tok.convert_tokens_to_ids("<|reserved_token_0|>")
+    assert r0 == 300 and len(tok) == 311  # the reserved block right after the trained vocabulary
+    ids = multimodal_ids(tok)
+    assert ids == {"<|soi|>": r0, "<|eoi|>": r0 + 1, "<|sov|>": r0 + 2, "<|eov|>": r0 + 3, "<|t2i|>": r0 + 4,
+                   "<|mmu|>": r0 + 5, "<|t2v|>": r0 + 6, "<|v2v|>": r0 + 7, "<|lvg|>": r0 + 8, "[iPAD]": r0 + 9,
+                   "<|r2i|>": r0 + 10}
+    assert image_token_offset(tok) == 311
+    assert tok.decode([r0 + 4, r0], skip_special_tokens=True) == ""  # special, as LLaDA's reserved tokens
+    plain = train_tokenizer(["a b c"], vocab_size=270)
+    with pytest.raises(ValueError, match=r"<\|reserved_token_0\|> \.\. <\|reserved_token_10\|> at consecutive ids .* "
+                                         r"126084 \.\. 126094\), but it has none of them"):
+        multimodal_ids(plain)
+    plain.add_tokens([f"<|reserved_token_{i}|>" for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 9)], special_tokens=True)
+    with pytest.raises(ValueError, match=r"but it has them at ids \[.*, 272, 274, 273\]"):
+        multimodal_ids(plain)
 
 
 def test_shipped_tiny_mmada_tokenizer_has_scene_words_and_keeps_text_tokens():
-    from rl.models import TINY_CHECKPOINT, load_tokenizer
-    mm_tok, text_tok = load_tokenizer(TINY_CHECKPOINT.parent / "tiny-mmada"), load_tokenizer(TINY_CHECKPOINT)
+    from rl.models import TINY_CHECKPOINT, load_checkpoint, load_tokenizer
+    model, mm_tok = load_checkpoint(TINY_CHECKPOINT.parent / "tiny-mmada")  # checks the code rows and markers
+    text_tok = load_tokenizer(TINY_CHECKPOINT)
+    # tiny-llada's tokenizer, LLaDA's reserved block 0..10 (MMaDA's markers), the scene words, then 128 codes
+    n = len(text_tok)
+    assert mm_tok.convert_ids_to_tokens(list(range(n, n + 11))) == [f"<|reserved_token_{i}|>" for i in range(11)]
+    assert multimodal_ids(mm_tok)["<|soi|>"] == n and len(mm_tok) == n + 11 + len(shapes.WORDS)
+    assert model.config.vocab_size == len(mm_tok) + 128 and model.config.codebook_size == 128
     for word in shapes.WORDS:
         assert len(mm_tok(word, add_special_tokens=False).input_ids) == 1, word
     for row in make_rows("arithmetic", 100, seed=1) + make_rows("countdown", 100, seed=1):
@@ -136,24 +181,38 @@ def test_shipped_tiny_mmada_tokenizer_has_scene_words_and_keeps_text_tokens():
 
 
 def test_encode_rows_layouts(mm, vq):
+    """MMaDA's sequences (prompting_utils.py t2i_gen_prompt / mmu_gen_prompt), token by token."""
     model, tok = mm
-    offset = model.config.image_token_offset
+    offset = len(tok)
     text = make_rows("arithmetic", 3)
     assert all(torch.equal(a, b)
                for a, b in zip(encode_rows(tok, text), encode_prompts(tok, [r["prompt"] for r in text])))
+    assert all(torch.equal(a, b)
+               for a, b in zip(encode_rows(tok, text, offset), encode_prompts(tok, [r["prompt"] for r in text])))
     t2i, qa = make_rows("t2i", 1), make_rows("shapes_qa", 1)
     attach_image_codes(t2i + qa, vq, "rows")
     ids, mask = encode_rows(tok, text[:1] + t2i + qa, offset)
-    soi, eoi = tok.convert_tokens_to_ids(SOI), tok.convert_tokens_to_ids(EOI)
-    assert ids[1, -1] == soi  # a t2i prompt ends where the image starts
-    row = ids[2][mask[2].bool()].tolist()
-    at = row.index(soi)
-    assert row[at + 1:at + 65] == [offset + c for c in qa[0]["image_codes"]] and row[at + 65] == eoi
+    rows = [ids[i][mask[i].bool()].tolist() for i in range(3)]
+    assert rows[0] == encode_prompts(tok, [text[0]["prompt"]])[0][0].tolist()  # text: as before
+    bos, eos = tok.convert_tokens_to_ids(BOS), tok.convert_tokens_to_ids(EOS)
+    caption = tok(t2i[0]["prompt"], add_special_tokens=False).input_ids
+    # t2i: <|t2i|> BOS caption EOS <|soi|>, then the image codes are the answer
+    assert rows[1] == [304, bos] + caption + [eos, 300]
+    assert tok.convert_ids_to_tokens(rows[1][:2] + rows[1][-2:]) == [
+        "<|reserved_token_4|>", BOS, EOS, "<|reserved_token_0|>"]
+    # mmu: <|mmu|> <|soi|> codes <|eoi|>, then the chat-formatted question (BOS first) and the assistant header
+    codes = qa[0]["image_codes"]
+    chat = tok.apply_chat_template([{"role": "user", "content": qa[0]["prompt"]}], add_generation_prompt=True,
+                                   tokenize=False)
+    assert chat.startswith(BOS)
+    assert rows[2] == [305, 300] + [311 + c for c in codes] + [301] + tok(chat, add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(rows[2][:2] + rows[2][66:68]) == [
+        "<|reserved_token_5|>", "<|reserved_token_0|>", "<|reserved_token_1|>", BOS]
     assert (ids[0][mask[0].bool()] < offset).all()
     with pytest.raises(ValueError, match="image rows need a model with image codes"):
         encode_rows(tok, qa)
     plain = train_tokenizer(["a b c"], vocab_size=270)
-    with pytest.raises(ValueError, match=r"tokenizer has no \['<\|soi\|>'"):
+    with pytest.raises(ValueError, match=r"image rows need MMaDA's markers"):
         encode_rows(plain, qa, 300)
 
 
@@ -197,15 +256,15 @@ def test_cosine_schedule_commits_the_most_confident_first():
 def test_image_sampler_gumbel_noise_and_cfg(mm):
     model, tok = mm
     cfg = model.config
-    ids, mask = encode_rows(tok, make_rows("t2i", 2), cfg.image_token_offset)
+    ids, mask = encode_rows(tok, make_rows("t2i", 2), len(tok))
     def run(c, seed):
-        return generate_image(model, ids, mask, tok.mask_token_id, 64, cfg.image_token_offset,
+        return generate_image(model, ids, mask, tok.mask_token_id, 64, len(tok),
                               cfg.codebook_size, c, torch.Generator().manual_seed(seed))
 
     a, b = run(ImageSamplerConfig(steps=6), 0), run(ImageSamplerConfig(steps=6), 0)
     assert torch.equal(a.answer_ids, b.answer_ids)  # seeded
     assert not torch.equal(a.answer_ids, run(ImageSamplerConfig(steps=6), 1).answer_ids)
-    assert ((a.answer_ids >= cfg.image_token_offset) & (a.answer_ids < cfg.vocab_size)).all()
+    assert ((a.answer_ids >= len(tok)) & (a.answer_ids < len(tok) + cfg.codebook_size)).all()
     assert (a.commit_step >= 0).all() and a.commit_step.max() == 5
     guided = run(ImageSamplerConfig(steps=6, temperature=0, cfg_scale=3.0), 0)
     plain = run(ImageSamplerConfig(steps=6, temperature=0), 0)
@@ -223,7 +282,7 @@ def test_mixed_rollout_keeps_order_lengths_and_masks(mm, vq):
     sampler = FastSamplerConfig(gen_length=32, block_length=16, steps=32, temperature=0.9)
     batch = rollout(model, tok, rows, 2, sampler, torch.Generator().manual_seed(0),
                     image_sampler=ImageSamplerConfig(steps=4))
-    offset = model.config.image_token_offset
+    offset = len(tok)
     assert batch.answer_ids.shape == (10, 64) and [r["prompt"] for r in batch.rows][::2] == [r["prompt"] for r in rows]
     for i, row in enumerate(batch.rows):
         codes = batch.images[i]
@@ -240,7 +299,7 @@ def test_text_answers_of_a_unified_model_draw_text_tokens_only(mm, vq):
     # A random model puts ~30% of its mass on the 128 image codes; both text samplers must exclude them.
     model, tok = mm
     rows = attach_image_codes(make_rows("arithmetic", 2) + make_rows("shapes_qa", 2), vq, "rows")
-    offset = model.config.image_token_offset
+    offset = len(tok)
     for sampler in (SamplerConfig(gen_length=32, block_length=16, steps=32, temperature=1.0),
                     FastSamplerConfig(gen_length=32, block_length=16, steps=32, temperature=1.0, threshold=None,
                                       early_stop=False)):

@@ -23,31 +23,38 @@ def mode_of(row: dict) -> str:
 
 
 def encode_rows(tokenizer, rows: list[dict], image_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt ids and mask for task rows of any mode, left-padded (MMaDA's sequence layouts):
+    """Prompt ids and mask for task rows of any mode, left-padded, in MMaDA's sequence layouts
+    (Gen-Verse/MMaDA training/prompting_utils.py: t2i_gen_prompt, mmu_gen_prompt):
 
-    text  chat(user: prompt) assistant header                                 -> text answer
-    t2i   chat(user: <|t2i|> prompt) assistant header <|soi|>                   -> image codes
-    mmu   chat(user: <|mmu|> <|soi|> image codes <|eoi|> prompt) assistant header -> text answer
+    text  chat(user: prompt) assistant header                                     -> text answer
+    t2i   <|t2i|> BOS caption EOS <|soi|>                                          -> image codes
+    mmu   <|mmu|> <|soi|> image codes <|eoi|> chat(user: prompt) assistant header   -> text answer
 
-    Image codes come from the row's `image_codes` (rl.data.loader.attach_image_codes), shifted by
-    `image_offset` into the model's vocabulary. Text-only batches give exactly `encode_prompts`."""
+    chat(...) is the tokenizer's chat template, which starts with BOS (added when it does not). MMaDA's
+    t2i input also has <|eoi|> after the image codes; here a sequence is prompt + answer, with nothing
+    after the answer (docs/MULTIMODAL.md). Image codes come from the row's `image_codes`
+    (rl.data.loader.attach_image_codes), code c as token `image_offset + c`
+    (rl.models.tokenizer.image_token_offset). Text-only batches give exactly `encode_prompts`."""
     modes = [mode_of(r) for r in rows]
     if all(m == "text" for m in modes):
         return encode_prompts(tokenizer, [r["prompt"] for r in rows])
     if image_offset is None:
         raise ValueError("image rows need a model with image codes (LLaDAConfig.codebook_size > 0)")
     ids = multimodal_ids(tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     seqs = []
     for row, mode in zip(rows, modes):
-        content = {"text": row["prompt"], "t2i": T2I + row["prompt"], "mmu": MMU + SOI + row["prompt"]}[mode]
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-        seq = tokenizer(text, add_special_tokens=False)["input_ids"]
         if mode == "t2i":
-            seq = seq + [ids[SOI]]
-        elif mode == "mmu":
-            at = seq.index(ids[SOI]) + 1
-            seq = seq[:at] + [image_offset + c for c in row["image_codes"]] + [ids[EOI]] + seq[at:]
+            caption = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            seq = [ids[T2I], bos] + caption + [eos, ids[SOI]]
+        else:
+            prompt = row["prompt"]
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            seq = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if mode == "mmu":
+                seq = seq if seq[:1] == [bos] else [bos] + seq
+                seq = [ids[MMU], ids[SOI]] + [image_offset + c for c in row["image_codes"]] + [ids[EOI]] + seq
         seqs.append(torch.tensor([seq]))
     return (RolloutBatch.left_pad(seqs, tokenizer.pad_token_id),
             RolloutBatch.left_pad([torch.ones_like(s) for s in seqs], 0))

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from .llada import LLaDAConfig, LLaDAModelLM
 from .llada_v import LLaDAVConfig, LLaDAVModelLM
+from .tokenizer import check_image_vocab
 
 # The Auto classes LLaDA-8B's config.json maps to its LLaDAModelLM (auto_map: AutoConfig, AutoModel,
 # AutoModelForCausalLM), so code written for LLaDA loads this one after `import rl.models`, with no
@@ -200,4 +201,5 @@ def load_checkpoint(path: str | Path, dtype=None, **config_overrides):
             f"checkpoint {str(path)!r}: config.json mask_token_id={model.config.mask_token_id} but the tokenizer's "
             f"mask token has id {tok.mask_token_id}"
         )
+    check_image_vocab(model.config, tok, f"checkpoint {str(path)!r}")
     return model, tok

@@ -137,9 +137,10 @@ class LLaDAConfig(PretrainedConfig):
         self.include_bias = include_bias
         # null inherits include_bias in LLaDA's norms: no bias either way here.
         self.bias_for_layer_norm = bias_for_layer_norm
-        # Unified tokens (MMaDA): the last `codebook_size` vocabulary rows are image codes, so image code c
-        # is token id image_token_offset + c; `num_vq_tokens` codes make one image (MMaDA-8B: 8192 codes,
-        # 1024 tokens per 512 px image). 0 = a text-only model.
+        # Unified tokens (MMaDA): `codebook_size` vocabulary rows are image codes; code c is token
+        # len(tokenizer) + c (rl.models.tokenizer.image_token_offset: the offset depends on the tokenizer,
+        # not on this config); `num_vq_tokens` codes make one image (MMaDA-8B: 8192 codes at 126,349 ..
+        # 134,540 of 134,656 rows, 1024 tokens per 512 px image). 0 = a text-only model.
         self.codebook_size = codebook_size
         self.num_vq_tokens = num_vq_tokens
         for key, value in {**REQUIRED, **INERT}.items():
@@ -172,10 +173,7 @@ class LLaDAConfig(PretrainedConfig):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 bad(key, "expected an integer >= 0 (0 = text only)")
         if self.codebook_size and not 0 < self.codebook_size < self.vocab_size:
-            bad("codebook_size",
-                f"image codes are the last rows of the vocabulary: must be < vocab_size={self.vocab_size}")
-        if self.codebook_size and self.mask_token_id >= self.image_token_offset:
-            bad("mask_token_id", f"must be a text token (< image_token_offset={self.image_token_offset})")
+            bad("codebook_size", f"image codes follow the text tokens: must be < vocab_size={self.vocab_size}")
         if self.include_bias:
             bad("include_bias", "LLaDA checkpoints have no biases; only False is supported")
 
@@ -195,11 +193,6 @@ class LLaDAConfig(PretrainedConfig):
         if self.bias_for_layer_norm not in (None, False):
             fail("LLaDAConfig.bias_for_layer_norm", self.bias_for_layer_norm,
                  "norms have no bias here; only false or null is supported")
-
-    @property
-    def image_token_offset(self) -> int:
-        """Token id of image code 0 (= the text vocabulary size)."""
-        return self.vocab_size - self.codebook_size
 
 
 def _number(x) -> bool:

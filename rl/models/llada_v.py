@@ -237,10 +237,6 @@ class LLaDAVConfig(PretrainedConfig):
     codebook_size = 0
     num_vq_tokens = 0
 
-    @property
-    def image_token_offset(self) -> int:
-        return self.vocab_size
-
     # --- checks -------------------------------------------------------------------------------------------
 
     def validate_language_model(self) -> None:

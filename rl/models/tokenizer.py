@@ -17,11 +17,14 @@ START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
 SPECIAL_TOKENS = [BOS, EOS, MASK, START_HEADER, END_HEADER, EOT]
-# MMaDA's multimodal markers: start/end of image, and the task tokens of text-to-image and
-# multimodal understanding. Image codes themselves are not tokenizer entries: they are the model's
-# last vocabulary rows (LLaDAConfig.image_token_offset + code).
-SOI, EOI, T2I, MMU = "<|soi|>", "<|eoi|>", "<|t2i|>", "<|mmu|>"
-MULTIMODAL_TOKENS = [SOI, EOI, T2I, MMU]
+# MMaDA's multimodal markers (Gen-Verse/MMaDA training/prompting_utils.py, use_reserved_token=True, as
+# every MMaDA script runs it): LLaDA's <|reserved_token_0|> .. <|reserved_token_10|>, in this order
+# (126084 .. 126094 in LLaDA-8B's tokenizer). Nothing is added to LLaDA's tokenizer. Image codes are
+# not tokenizer entries either: code c is token len(tokenizer) + c (image_token_offset).
+MMADA_MARKERS = ("<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>", "<|v2v|>", "<|lvg|>",
+                 "[iPAD]", "<|r2i|>")
+SOI, EOI, SOV, EOV, T2I, MMU, T2V, V2V, LVG, IPAD, R2I = MMADA_MARKERS
+RESERVED = "<|reserved_token_{}|>"
 
 # LLaDA-8B-Instruct's conversation layout.
 CHAT_TEMPLATE = (
@@ -64,18 +67,57 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return fast
 
 
-def add_multimodal_tokens(tokenizer) -> None:
-    """Append MMaDA's markers as special tokens (ids after the existing vocabulary)."""
-    tokenizer.add_tokens([t for t in MULTIMODAL_TOKENS if t not in tokenizer.get_vocab()], special_tokens=True)
+def add_reserved_tokens(tokenizer, n: int = len(MMADA_MARKERS)) -> None:
+    """Append <|reserved_token_0|> .. <|reserved_token_{n-1}|> as special tokens, as LLaDA's tokenizer
+    has them, so a tiny tokenizer carries MMaDA's markers where LLaDA-8B's does."""
+    names = [RESERVED.format(i) for i in range(n)]
+    if any(_token_id(tokenizer, t) is not None for t in names):
+        raise ValueError(f"tokenizer already has reserved tokens among {names[0]} .. {names[-1]}")
+    tokenizer.add_tokens(names, special_tokens=True)
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    i = tokenizer.convert_tokens_to_ids(token)
+    return None if i is None or (i == tokenizer.unk_token_id and token != tokenizer.unk_token) else i
 
 
 def multimodal_ids(tokenizer) -> dict[str, int]:
-    """Ids of the multimodal markers; a clear error for a tokenizer that lacks them."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in MULTIMODAL_TOKENS}
-    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
-    if missing:
-        raise ValueError(f"tokenizer has no {missing}: image rows need a multimodal checkpoint (e.g. model=tiny_mm)")
-    return ids
+    """Ids of MMaDA's markers: fixed offsets from the tokenizer's <|reserved_token_0|> (<|soi|> +0, <|eoi|>
+    +1, ..., <|r2i|> +10). A tokenizer without reserved tokens 0..10 at consecutive ids is an error."""
+    names = [RESERVED.format(i) for i in range(len(MMADA_MARKERS))]
+    ids = [_token_id(tokenizer, t) for t in names]
+    if None in ids or ids != list(range(ids[0], ids[0] + len(ids))):
+        missing = [t for t, i in zip(names, ids) if i is None]
+        found = ("it has none of them" if len(missing) == len(names) else f"it lacks {', '.join(missing)}" if missing
+                 else f"it has them at ids {ids}")
+        raise ValueError(
+            f"image rows need MMaDA's markers: the tokenizer's {names[0]} .. {names[-1]} at consecutive ids "
+            f"({MMADA_MARKERS[0]} = {names[0]}, ..., {MMADA_MARKERS[-1]} = {names[-1]}; LLaDA-8B's tokenizer has "
+            f"them at 126084 .. 126094), but {found}")
+    return {marker: ids[0] + k for k, marker in enumerate(MMADA_MARKERS)}
+
+
+def image_token_offset(tokenizer) -> int:
+    """Token id of image code 0: MMaDA puts image code c at len(text tokenizer) + c (126,349 + c with
+    LLaDA-8B's tokenizer), right after the text tokens; the ids below it are the text vocabulary."""
+    return len(tokenizer)
+
+
+def check_image_vocab(config, tokenizer, where: str) -> None:
+    """A model with image codes (config.codebook_size > 0) needs a vocabulary row for every code after the
+    tokenizer's tokens, and MMaDA's markers in the tokenizer."""
+    codes = getattr(config, "codebook_size", 0)
+    if not codes:
+        return
+    need = image_token_offset(tokenizer) + codes
+    if config.vocab_size < need:
+        raise ValueError(
+            f"{where}: config.json vocab_size={config.vocab_size} is too small for the image codes: code c is token "
+            f"len(tokenizer) + c, so it needs len(tokenizer)={len(tokenizer)} + codebook_size={codes} = {need} rows")
+    try:
+        multimodal_ids(tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{where}: config.json codebook_size={codes}, but {e}") from None
 
 
 def end_token_ids(tokenizer) -> list[int]:
