@@ -91,7 +91,7 @@ class ModelConfig:
     # (rl/models/vq.py; config.json + model.safetensors). null = the shipped tiny VQ.
     image_tokenizer: Optional[str] = None
     # Values that replace the checkpoint's config.json ones wherever the model is loaded, e.g.
-    # {image_aspect_ratio: pad} for GSAI-ML/LLaDA-V, whose anyres_max_4 tiling is not implemented.
+    # {image_aspect_ratio: square} for GSAI-ML/LLaDA-V, whose anyres_max_4 tiling is not implemented.
     # Typed Any for the reason lora is.
     config_overrides: Any = None
 

@@ -233,7 +233,7 @@ def test_llada_v_trains_through_the_driver(local_ray, vdir, tmp_path):
 
 
 def test_config_overrides_load_the_published_layout_everywhere(tmp_path):
-    """GSAI-ML/LLaDA-V's anyres_max_4 is refused by name; model.config_overrides={image_aspect_ratio: pad}
+    """GSAI-ML/LLaDA-V's anyres_max_4 is refused by name; model.config_overrides={image_aspect_ratio: square}
     makes the config check, the rollout worker and the learner load it."""
     from rl.learner import Learner
     from rollout.worker import RolloutWorker

@@ -294,9 +294,9 @@ class LLaDAVConfig(PretrainedConfig):
         if self.image_aspect_ratio not in SINGLE_VIEW_ASPECT_RATIOS:
             bad("image_aspect_ratio",
                 "only one tower-sized view per image is implemented: 'square', 'pad' or null work; anyres tiling "
-                "(LLaDA-V's published 'anyres_max_4') does not. Override it to load this checkpoint, e.g. "
-                "rl.models.load_model(path, image_aspect_ratio='pad') or "
-                "LLaDAVConfig.from_pretrained(path, image_aspect_ratio='pad')")
+                "(LLaDA-V's published 'anyres_max_4') does not. Override it to load this checkpoint: "
+                "model.config_overrides={image_aspect_ratio: square} in a run (conf/model/llada_v_8b.yaml), "
+                "or rl.models.load_model(path, image_aspect_ratio='square')")
         for key in ("image_mean", "image_std"):
             value = getattr(self, key)
             if not (isinstance(value, (list, tuple)) and len(value) == getattr(vc, "num_channels", 3)
