@@ -164,7 +164,8 @@ def load_model(path: str | Path, dtype=None, **config_overrides) -> LLaDAModelLM
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         if info.get(kind):
             names = sorted(map(str, info[kind]))
-            raise ValueError(f"{str(path)!r}: not a {model_class.__name__} checkpoint this model loads whole; "
+            family = "LLaDA-V" if model_class is LLaDAVModelLM else "LLaDA"
+            raise ValueError(f"{str(path)!r}: not a {family} checkpoint this model loads whole; "
                              f"{kind.replace('_', ' ')}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
     if isinstance(model, LLaDAVModelLM):
         model.freeze_vision_tower()  # loading may hand back fresh Parameters

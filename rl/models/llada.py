@@ -16,6 +16,7 @@ positions against keys/values cached for the rest of the sequence.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -330,7 +331,10 @@ class LLaDAModelLM(PreTrainedModel):
         `logits_span=(a, b)` computes the head for input positions a..b only: a sampler needs one
         block's logits, and [B, T, vocab] of them is most of the memory at LLaDA's 126k vocabulary."""
         t = self.model.transformer
-        head = t.wte.weight if self.config.weight_tying else t.ff_out.weight
+
+        def head():
+            return t.wte.weight if self.config.weight_tying else t.ff_out.weight
+
         return transformer_forward(
             self, t.wte(input_ids), t.blocks, t.ln_f, head, attention_mask=attention_mask, position_ids=position_ids,
             kv_cache=kv_cache, cache_span=cache_span, return_kv=return_kv, logits_span=logits_span,
@@ -342,7 +346,7 @@ def transformer_forward(
     x: torch.Tensor,
     blocks,
     final_norm: nn.Module,
-    head: torch.Tensor,
+    head: Callable[[], torch.Tensor],
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     kv_cache: KVCache | None = None,
@@ -351,7 +355,9 @@ def transformer_forward(
     logits_span: tuple[int, int] | None = None,
 ) -> DiffusionLMOutput:
     """LLaDAModelLM.forward from the input embeddings x [B, T, d] on: RoPE positions, the padding mask,
-    LLaDABlock-compatible `blocks`, `final_norm` and the `head` weight [vocab, d]. Shared by every model
+    LLaDABlock-compatible `blocks`, `final_norm` and `head()`, the head weight [vocab, d]: read only when the
+    logits are computed, since under ZeRO-3 a weight read earlier is released again by its module's forward
+    (the tied embedding's). Shared by every model
     with this trunk (LLaDA, LLaDA-V), so the cache and span semantics are one code path. `model` supplies
     config.d_model / n_heads / rope_theta and the gradient checkpointing switches."""
     B, T = x.shape[:2]
@@ -383,5 +389,5 @@ def transformer_forward(
     if logits_span is not None:
         x = x[:, logits_span[0]:logits_span[1]]
     x = final_norm(x)
-    logits = F.linear(x, head)
+    logits = F.linear(x, head())
     return DiffusionLMOutput(logits=logits, kv=kv if return_kv else None)

@@ -584,6 +584,7 @@ class LLaDAVModelLM(PreTrainedModel):
         x = self.embed(input_ids, image_features) if inputs_embeds is None else inputs_embeds
         m = self.model
         return transformer_forward(
-            self, x, m.layers, m.norm, self.lm_head.weight, attention_mask=attention_mask, position_ids=position_ids,
+            self, x, m.layers, m.norm, lambda: self.lm_head.weight, attention_mask=attention_mask,
+            position_ids=position_ids,
             kv_cache=kv_cache, cache_span=cache_span, return_kv=return_kv, logits_span=logits_span,
         )
