@@ -35,11 +35,12 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .image_tokenizer import ImageTokenizer, read_config
 
 CLASS_NAMES = ("MAGVITv2", "MAGViTv2")  # Show-o's class, and its older spelling that uploaded the repo
 WEIGHTS_NAME = "pytorch_model.safetensors"  # what showlab/magvitv2 ships (Show-o's ModelMixin file name)
@@ -282,7 +283,7 @@ class LFQuantizer(nn.Module):
         return self.embedding[codes].view(codes.shape[0], grid, grid, self.bits).permute(0, 3, 1, 2)
 
 
-class MAGVITv2Tokenizer(nn.Module):
+class MAGVITv2Tokenizer(ImageTokenizer):
     def __init__(self, config: MAGVITv2Config | None = None):
         super().__init__()
         self.config = config if config is not None else MAGVITv2Config()
@@ -294,28 +295,10 @@ class MAGVITv2Tokenizer(nn.Module):
     def codebook_size(self) -> int:
         return 2**self.config.z_channels
 
-    @property
-    def grid(self) -> int:
-        return self.config.image_size // self.config.downsample
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid * self.grid
-
     def _weight(self) -> torch.Tensor:
         return self.encoder.conv_in.weight  # its device and dtype are the model's
 
     # ---- pixels <-> network ------------------------------------------------------------------------------
-    def to_input(self, images) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> [B, 3, H, W] in [-1, 1], on the model's device and dtype."""
-        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-        size = self.config.image_size
-        if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (size, size, 3):
-            raise ValueError(
-                f"image tokenizer: expected uint8 images [B, {size}, {size}, 3], got {x.dtype} {tuple(x.shape)}")
-        w = self._weight()
-        return (x.to(w.device).permute(0, 3, 1, 2).float() / 127.5 - 1).to(w.dtype)
-
     @staticmethod
     def to_pixels(x: torch.Tensor) -> torch.Tensor:
         # MMaDA: clamp((x + 1) / 2, 0, 1) * 255, then a truncating cast to uint8.
@@ -328,13 +311,7 @@ class MAGVITv2Tokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes) -> torch.Tensor:
-        codes = torch.as_tensor(codes, dtype=torch.long, device=self._weight().device)
-        if codes.ndim != 2 or codes.shape[1] != self.tokens_per_image:
-            raise ValueError(f"image tokenizer: expected codes [B, {self.tokens_per_image}], got {tuple(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"image tokenizer: codes must lie in [0, {self.codebook_size}), got "
-                             f"[{codes.min().item()}, {codes.max().item()}]")
-        z = self.quantize.latents(codes, self.grid).to(self._weight().dtype)
+        z = self.quantize.latents(self.checked_codes(codes), self.grid).to(self._weight().dtype)
         return self.to_pixels(self.decoder(z))
 
     # ---- files -------------------------------------------------------------------------------------------
@@ -351,13 +328,7 @@ class MAGVITv2Tokenizer(nn.Module):
     def from_pretrained(cls, path: str | Path) -> "MAGVITv2Tokenizer":
         """The tokenizer in a showlab/magvitv2-style directory, on the CPU in float32, in eval mode."""
         path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"image tokenizer directory {str(path)!r} is missing config.json")
-        try:
-            raw = json.loads(config_file.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        config_file, raw = read_config(path)
         config = MAGVITv2Config.from_json(raw, config_file)
         weights = next((path / n for n in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if (path / n).is_file()), None)
         if weights is None:

@@ -22,12 +22,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .image_tokenizer import ImageTokenizer, read_config
 from .magvit2 import MAGVITv2Tokenizer, is_magvit2_config
 
 TINY_VQ = Path(__file__).resolve().parents[2] / "recipes" / "assets" / "tiny-vq"
@@ -69,7 +69,7 @@ def _decoder(inp: int, hidden: int, halvings: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class VQImageTokenizer(nn.Module):
+class VQImageTokenizer(ImageTokenizer):
     def __init__(self, config: VQConfig):
         super().__init__()
         self.config = config
@@ -83,27 +83,10 @@ class VQImageTokenizer(nn.Module):
     def codebook_size(self) -> int:
         return self.config.codebook_size
 
-    @property
-    def grid(self) -> int:
-        return self.config.image_size // self.config.downsample
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid * self.grid
-
-    def _device(self):
-        return self.codebook.weight.device
+    def _weight(self) -> torch.Tensor:
+        return self.codebook.weight
 
     # ---- pixels <-> latents ----------------------------------------------------------------------
-    def to_input(self, images) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
-        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-        size = self.config.image_size
-        if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (size, size, 3):
-            raise ValueError(
-                f"image tokenizer: expected uint8 images [B, {size}, {size}, 3], got {x.dtype} {tuple(x.shape)}")
-        return x.to(self._device()).permute(0, 3, 1, 2).float() / 127.5 - 1
-
     @staticmethod
     def to_pixels(x: torch.Tensor) -> torch.Tensor:
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -128,13 +111,7 @@ class VQImageTokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes) -> torch.Tensor:
-        codes = torch.as_tensor(codes, dtype=torch.long, device=self._device())
-        if codes.ndim != 2 or codes.shape[1] != self.tokens_per_image:
-            raise ValueError(f"image tokenizer: expected codes [B, {self.tokens_per_image}], got {tuple(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"image tokenizer: codes must lie in [0, {self.codebook_size}), got "
-                             f"[{codes.min().item()}, {codes.max().item()}]")
-        return self.to_pixels(self.decoder(self.lookup(codes)))
+        return self.to_pixels(self.decoder(self.lookup(self.checked_codes(codes))))
 
     # ---- training ----------------------------------------------------------------------------------
     def loss(self, images) -> tuple[torch.Tensor, dict]:
@@ -175,13 +152,7 @@ class VQImageTokenizer(nn.Module):
 def load_image_tokenizer(path: str | Path | None = None) -> VQImageTokenizer | MAGVITv2Tokenizer:
     """The image tokenizer in `path` (None: the shipped tiny VQ), of the kind its config.json names."""
     path = Path(TINY_VQ if path is None else path)
-    config = path / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"image tokenizer directory {str(path)!r} is missing config.json")
-    try:
-        raw = json.loads(config.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config}: not valid JSON ({e})") from None
+    config, raw = read_config(path)
     if isinstance(raw, dict) and raw.get("type") == "vq":
         return VQImageTokenizer.from_pretrained(path)
     if is_magvit2_config(raw):
