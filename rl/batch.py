@@ -36,9 +36,8 @@ class RolloutBatch:
     # batch-wide, not per sample: select() keeps them whole.
     pixels: torch.Tensor | None = None  # [n_images, H, W, 3] uint8, at the vision tower's input size
     image_tokens: int = 0  # feature rows per image (the tower's tokens)
-    image_features: torch.Tensor | None = None  # [n_images, image_tokens, D], the tower's, computed once
 
-    BATCH_WIDE = ("pixels", "image_tokens", "image_features", "group_size", "seconds")
+    BATCH_WIDE = ("pixels", "image_tokens", "group_size", "seconds")
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -62,6 +61,21 @@ class RolloutBatch:
             x = getattr(self, name)
             return x[rows] if isinstance(x, (torch.Tensor, list)) and name not in self.BATCH_WIDE else x
         return RolloutBatch(**{f.name: part(f.name) for f in fields(self)})
+
+    def own_images(self) -> RolloutBatch:
+        """The batch with its image table cut to the images its own prompts show, placeholders renumbered:
+        a learner rank's shard of a batch would otherwise run the tower on every rank's images."""
+        if self.pixels is None:
+            return self
+        n = self.image_tokens
+        rows = (self.prompt_ids < 0) & (self.prompt_ids != IMAGE_NEWLINE)
+        k = -self.prompt_ids[rows] - 1
+        used = torch.unique(k // n)
+        position = torch.zeros(len(self.pixels), dtype=torch.long)
+        position[used] = torch.arange(len(used))
+        ids = self.prompt_ids.clone()
+        ids[rows] = -(position[k // n] * n + k % n + 1)
+        return replace(self, prompt_ids=ids, pixels=self.pixels[used])
 
     def to(self, device) -> RolloutBatch:
         """The tensors on `device`."""
@@ -107,6 +121,6 @@ def _shared_images(parts: list[RolloutBatch]) -> list[RolloutBatch]:
             continue
         rows = (p.prompt_ids < 0) & (p.prompt_ids != IMAGE_NEWLINE)
         shifted = torch.where(rows, p.prompt_ids - offset, p.prompt_ids)
-        out.append(replace(p, prompt_ids=shifted, image_features=None))
+        out.append(replace(p, prompt_ids=shifted))
         offset += len(p.pixels) * p.image_tokens
     return out

@@ -419,21 +419,22 @@ def validate(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")) -> Con
         _required(missing[0])
     c: Config = build(Config, cfg)
 
+    # Once: for a training checkpoint, resolving model.path re-hashes its files against the manifest.
+    model_dir = model_path(c)
     try:
-        check_model_files(model_path(c), **c.model.config_overrides)
+        check_model_files(model_dir, **c.model.config_overrides)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.path: {e}") from None
-    if vision_input_size(model_path(c)) is not None:
-        aspect = load_config(model_path(c), **c.model.config_overrides).image_aspect_ratio
-        if aspect == "pad":  # task images are resized whole (rl.data.loader.attach_pixels): LLaDA-V's "square"
-            _bad("model.config_overrides.image_aspect_ratio", aspect, "expected square or null (the model's "
-                 "config.json says pad): task images are resized whole to the tower's input, not padded first")
+    aspect = getattr(load_config(model_dir, **c.model.config_overrides), "image_aspect_ratio", None)
+    if aspect == "pad":  # task images are resized whole (rl.data.loader.attach_pixels): LLaDA-V's "square"
+        _bad("model.config_overrides.image_aspect_ratio", aspect, "expected square or null (the model's "
+             "config.json says pad): task images are resized whole to the tower's input, not padded first")
     tok_dir = image_tokenizer_path(c)
     if tok_dir is not None and not (Path(tok_dir) / "config.json").is_file():
         _bad("model.image_tokenizer", tok_dir,
              "expected a directory holding an image tokenizer (config.json + model.safetensors)")
 
-    _check_tasks(c, splits)
+    _check_tasks(c, splits, model_dir)
     _check_rollout(c.rollout)
 
     tr, n = c.trainer, c.rollout["num_workers"]
@@ -459,21 +460,22 @@ def validate(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val")) -> Con
     return c
 
 
-def _check_tasks(c: Config, splits: tuple[str, ...]) -> None:
+def _check_tasks(c: Config, splits: tuple[str, ...], model_dir: str) -> None:
     from rl.data.files import FORMS
     from rl.data.loader import load_split
     from rl.data.tasks import GENERATORS
 
+    reads_images = vision_input_size(model_dir) is not None  # image rows are read (and checked) at load
     for split in splits:
         file, counts = getattr(c.task, f"{split}_file"), getattr(c.task, split)
         if file is None and (not counts or not set(counts) <= set(GENERATORS) or min(counts.values()) < 1):
             _bad(f"task.{split}", counts, f"expected a mapping of task names from {sorted(GENERATORS)} to row "
                  f"counts >= 1, or task.{split}_file")
-        if file is not None or c.task.max_prompt_length is not None or vision_input_size(model_path(c)) is not None:
+        if file is not None or c.task.max_prompt_length is not None or reads_images:
             # Every row read and checked now, so a bad row never reaches an actor; the driver's load_split
             # then takes these rows rather than reading the file again.
             try:
-                load_split(c.task, split, c.seed, model_dir=model_path(c))
+                load_split(c.task, split, c.seed, model_dir=model_dir)
             except FileNotFoundError:
                 _bad(f"task.{split}_file", file, f"expected an existing file or folder: {FORMS}")
             except ValueError as e:

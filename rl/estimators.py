@@ -80,8 +80,7 @@ def _takes_logits_span(model) -> bool:
     return any(p.name == "logits_span" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _answer_logits(model, x: torch.Tensor, att: torch.Tensor, P: int, L: int,
-                   image_features: torch.Tensor | None = None) -> torch.Tensor:
+def _answer_logits(model, x: torch.Tensor, att: torch.Tensor, P: int, L: int) -> torch.Tensor:
     """Logits [rows, L, vocab] at the answer positions only.
 
     The prompt's logits are never read, so a model that takes logits_span (LLaDAModelLM, reached
@@ -89,8 +88,6 @@ def _answer_logits(model, x: torch.Tensor, att: torch.Tensor, P: int, L: int,
     LM head on the L answer positions alone, instead of all P+L.
     """
     kw = {"logits_span": (P, P + L)} if _takes_logits_span(model) else {}
-    if image_features is not None:  # LLaDA-V: prompt ids < 0 are rows of these (rl.batch.RolloutBatch)
-        kw["image_features"] = image_features
     logits = model(input_ids=x, attention_mask=att, **kw).logits
     # A model whose **kwargs swallow the span returns every position.
     return logits if logits.shape[1] == L else logits[:, P:]
@@ -110,7 +107,7 @@ def token_logps(
     ids = batch.input_ids
     x = torch.where(plan.noise, torch.full_like(ids, mask_id), ids.unsqueeze(0)).reshape(V * B, T)
     att = batch.attention_mask.repeat(V, 1)
-    logits = _answer_logits(model, x, att, P, L, batch.image_features)  # [V*B, L, vocab]
+    logits = _answer_logits(model, x, att, P, L)  # [V*B, L, vocab]
     sel = plan.score.reshape(V * B, L)
     # Rows by index_select, not logits[sel]: the same values, but a boolean index's backward is an
     # accumulating index_put into a zero [V*B, L, vocab] tensor, which runs element by element on CPU.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import deepspeed
@@ -24,6 +23,7 @@ from rl.estimators import build_estimator
 from rl.models import check_checkpoint_dir, load_model, load_tokenizer
 from rl.models.llada_v import LORA_TARGETS as LLADA_V_LORA_TARGETS
 from rl.update import policy_update
+from rollout.rollout import WithImages
 
 # LLaDA's projections inside the blocks; a regex, because the bare name "ff_out" would also put an
 # adapter on the untied LM head (model.transformer.ff_out). LLaDA-V's language model names them LLaMA's
@@ -233,7 +233,7 @@ class Learner:
         if (B // G) % self.world_size:
             fail("batch.groups", B // G, f"expected a multiple of world_size={self.world_size} (whole groups per rank)")
         n = B // self.world_size
-        return batch.select(slice(self.rank * n, (self.rank + 1) * n)).to(self.device)
+        return batch.select(slice(self.rank * n, (self.rank + 1) * n)).own_images().to(self.device)
 
     def _accumulate(self, loss: torch.Tensor) -> None:
         """Backward of a micro-batch that is not an inner step's last: DeepSpeed keeps its gradients
@@ -274,15 +274,19 @@ class Learner:
         skipped_steps counts inner steps whose optimizer step was skipped (non-finite grad norm).
         """
         part = self.shard(batch)
+        policy, ref = self.engine, self.ref
         if part.pixels is not None:
-            # LLaDA-V: the frozen vision tower once per prompt image; the G answers, the old, reference and
-            # policy passes and every micro-batch read these rows (each model applies its own projector).
+            # LLaDA-V: the frozen vision tower once per prompt image, bound to both models as the rollout binds
+            # it to its own; the G answers, the old, reference and policy passes and every micro-batch read
+            # these features (each model applies its own projector).
             with torch.no_grad():
-                part = replace(part, image_features=self.module.encode_images(part.pixels))
+                features = self.module.encode_images(part.pixels)
+            policy = WithImages(policy, features)
+            ref = None if ref is None else WithImages(ref, features)
         generator = torch.Generator().manual_seed(seed * self.world_size + self.rank)
         self.engine.train()
         lr = float(self.engine.get_lr()[0])  # the rate this update starts with, not the next one's
-        metrics = policy_update(self.engine, self.ref, self.estimator, part, self.mu, self.mask_id,
+        metrics = policy_update(policy, ref, self.estimator, part, self.mu, self.mask_id,
                                 self._step, generator, self.micro_batch, self._accumulate, self.ref_device)
         metrics["lr"] = lr
         values = torch.tensor([metrics[k] for k in METRICS], dtype=torch.float64, device=self._comm_device)

@@ -101,6 +101,18 @@ def test_concat_renumbers_the_image_table_and_select_keeps_it():
     assert joined.select(slice(3, 4)).pixels.shape[0] == 3  # the table stays whole
 
 
+def test_a_shard_keeps_only_the_images_its_prompts_show():
+    tokens = 2
+    ids = torch.tensor([[5, *[-(1 + i * tokens + t) for t in range(tokens)], IMAGE_NEWLINE] for i in range(3)])
+    pixels = torch.arange(3, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 2, 2, 3)
+    batch = RolloutBatch(prompt_ids=ids, prompt_mask=torch.ones_like(ids), answer_ids=torch.zeros(3, 2,
+                         dtype=torch.long), answer_mask=torch.ones(3, 2), pixels=pixels, image_tokens=tokens)
+    part = batch.select(slice(2, 3)).own_images()
+    assert part.pixels.shape[0] == 1 and part.pixels[0, 0, 0, 0] == 2
+    assert part.prompt_ids.tolist() == [[5, -1, -2, IMAGE_NEWLINE]]
+    assert batch.own_images().prompt_ids.tolist() == batch.prompt_ids.tolist()
+
+
 @pytest.mark.parametrize("sampler", ["reference", "fast"])
 def test_rollout_runs_the_tower_once_per_prompt_and_conditions_on_it(vdir, sampler):
     model, tok = load_checkpoint(vdir)

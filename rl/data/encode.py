@@ -85,22 +85,22 @@ def encode_image_prompts(tokenizer, rows: list[dict], placeholder_ids, system: s
     <image> and the pieces tokenized apart. A prompt shared by several rows (the G answers of one prompt
     share one row dict) puts its images in the table once. Rows without `pixels` are plain text.
     `system`: the system message of the model's conversation template, unless a row brings its own."""
-    seqs, images, first = [], [], {}
+    seqs, images, done = [], [], {}  # done: id(row) -> its sequence, templated and tokenized once
     for i, row in enumerate(rows):
-        pixels = row.get("pixels") or []
-        messages = image_prompt(row, f"row {i}")
-        if system and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": system}, *messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if id(row) not in first:
-            first[id(row)] = len(images)
+        if id(row) not in done:
+            pixels = row.get("pixels") or []
+            messages = image_prompt(row, f"row {i}")
+            if system and messages[0].get("role") != "system":
+                messages = [{"role": "system", "content": system}, *messages]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            pieces = text.split(IMAGE) if pixels else [text]
+            seq = tokenizer(pieces[0], add_special_tokens=False)["input_ids"]
+            for j, piece in enumerate(pieces[1:]):
+                seq += placeholder_ids(len(images) + j)
+                seq += tokenizer(piece, add_special_tokens=False)["input_ids"]
             images.extend(pixels)
-        pieces = text.split(IMAGE) if pixels else [text]
-        seq = tokenizer(pieces[0], add_special_tokens=False)["input_ids"]
-        for j, piece in enumerate(pieces[1:]):
-            seq += placeholder_ids(first[id(row)] + j)
-            seq += tokenizer(piece, add_special_tokens=False)["input_ids"]
-        seqs.append(torch.tensor([seq]))
+            done[id(row)] = torch.tensor([seq])
+        seqs.append(done[id(row)])
     ids = RolloutBatch.left_pad(seqs, tokenizer.pad_token_id)
     mask = RolloutBatch.left_pad([torch.ones_like(s) for s in seqs], 0)
     pixels = torch.from_numpy(np.stack(images)) if images else None

@@ -176,8 +176,8 @@ def vision_input_size(path: str | Path) -> int | None:
     """The image size a model folder's vision tower takes (LLaDA-V), or None for a model without one.
     Reads config.json only."""
     try:
-        raw = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        raw = read_config_json(path)
+    except (OSError, ValueError):
         return None  # check_model_files names the problem
     config_class, _ = model_classes(raw)
     if config_class is not LLaDAVConfig:
