@@ -74,6 +74,7 @@ class Actors:
         overrides = cfg.model.get("config_overrides")
         self.config_overrides = OmegaConf.to_container(overrides) if isinstance(overrides, DictConfig) else {}
         self.weights = None  # ObjectRef of the newest policy weights, for (re)started rollout workers
+        self.learner_version = 0  # the step whose update the learner runs or ran last (set by the driver)
         start_ray(cfg.ray, cfg.trainer.device)
         n, m, k = cfg.rollout.num_workers, cfg.reward.num_workers, cfg.trainer.num_learners if learners else 0
         gpu = 1 if cfg.trainer.device == "cuda" else 0

@@ -29,6 +29,7 @@ class RolloutBatch:
     images: list[list[int] | None] = field(default_factory=list)  # image codes of an image answer, else None
     commit_step: torch.Tensor | None = None  # [B, L] long, denoising step that committed each token (-1: none)
     tokens_per_step: torch.Tensor | None = None  # [B] float, answer tokens committed per denoising step
+    policy_version: torch.Tensor | None = None  # [B] long, the training step whose weights wrote each answer
     seconds: float = 0.0  # wall time of the generation (of the slowest worker, after concat)
     # Continuous image inputs (LLaDA-V): prompt id -(1 + k) is row k of the image features, i.e. token
     # k % image_tokens of image k // image_tokens (and IMAGE_NEWLINE, where the model appends its newline
@@ -100,7 +101,8 @@ class RolloutBatch:
             group_size=parts[0].group_size, seconds=max(p.seconds for p in parts),
             pixels=cat("pixels"), image_tokens=max(p.image_tokens for p in parts),
             **{name: cat(name) for name in ("answer_ids", "answer_mask", "advantages", "rewards", "rows",
-                                            "completions", "images", "commit_step", "tokens_per_step")})
+                                            "completions", "images", "commit_step", "tokens_per_step",
+                                            "policy_version")})
 
     @staticmethod
     def left_pad(parts: list[torch.Tensor], pad_value: int) -> torch.Tensor:

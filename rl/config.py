@@ -260,6 +260,10 @@ class TrainerConfig:
     # cpu: the frozen reference stays in CPU memory when training on CUDA (its log-probs are computed
     # there and moved over). A no-op with device=cpu; an error with LoRA (the reference is the policy).
     ref_device: str = "same"
+    # 1: generate and score the next step's rollouts while the learner updates on this step's, with the
+    # weights from before the update (one update stale, as verl's one-step-off-policy trainer); 0: each
+    # step waits for the last (docs/ARCHITECTURE.md, "Overlap").
+    rollout_ahead: int = 0
 
     def __post_init__(self):
         for key in ("total_steps", "prompts_per_step", "num_learners", "skip_warn_steps"):
@@ -269,6 +273,7 @@ class TrainerConfig:
         _one_of("trainer.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _one_of("trainer.device", self.device, ("cpu", "cuda"))
         _one_of("trainer.on_actor_failure", self.on_actor_failure, ("retry", "fail"))
+        _one_of("trainer.rollout_ahead", self.rollout_ahead, (0, 1))
         _int("trainer.micro_batch", self.micro_batch, 0, " (rows per learner pass; 0 = the whole shard)")
         check_memory(self.device, self.zero_stage, self.offload, self.ref_device)
         if not set(self.logger) <= set(LOGGERS):

@@ -2,7 +2,8 @@
 
 One step: prompts -> G answers per prompt over the rollout workers -> rewards over the reward
 workers -> group advantages -> mu inner updates on the learner ranks -> new weights to every rollout
-worker. `Driver.train_step` is that sentence in code.
+worker. `Driver.train_step` is that sentence in code. With trainer.rollout_ahead=1 the next step's
+rollouts and rewards run during this step's update, on the weights from before it (one update stale).
 
 Faults are handled per phase, in rl/actors.py: a rollout or reward worker that dies is restarted and
 only its own call is sent again (generate, score and load_weights give the same answer twice); a reward
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -25,7 +27,7 @@ from rl.batch import RolloutBatch
 from rl.checkpoint import CheckpointManager, resolve_resume
 from rl.config import image_tokenizer_path, model_path, validate
 from rl.data.loader import PromptCursor, attach_image_codes, has_images, load_split
-from rl.metrics import accuracies, batch_metrics, timer
+from rl.metrics import accuracies, batch_metrics, staleness, timer
 from rl.models import vision_input_size
 from rl.tracking import Tracker
 
@@ -54,6 +56,10 @@ class Driver:
         self.cursor = PromptCursor(train_rows, cfg.seed)
         self._reference: dict | None = None  # scores of the ground-truth images of the held-out t2i rows
         self.step = 0
+        # trainer.rollout_ahead=1: the next step's (batch, scores, timeouts, timing), generated during this
+        # step's update; the update runs on a thread that waits for the learners meanwhile.
+        self._ahead: tuple | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="learner-update")
         self._skip_streak = 0  # training steps in a row whose optimizer steps were all skipped
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.trainer.keep_last)
         # Before any actor starts: a damaged checkpoint named by trainer.resume is one message, not a crash later.
@@ -75,34 +81,67 @@ class Driver:
             self.tracker.log(0, self.evaluate())
         while self.step < tr.total_steps:
             self.step += 1
-            metrics = self.train_step(self.cursor.next(tr.prompts_per_step))
+            metrics = self.train_step(self.cursor.next(tr.prompts_per_step) if self._ahead is None else None)
             if tr.val_every and (self.step % tr.val_every == 0 or self.step == tr.total_steps):
                 metrics.update(self.evaluate())
             self.tracker.log(self.step, metrics)
-            if tr.save_every and (self.step % tr.save_every == 0 or self.step == tr.total_steps):
+            if self._save_step(self.step):
                 self.save()
 
-    def train_step(self, rows: list[dict]) -> dict:
-        t0 = time.perf_counter()
+    def _save_step(self, step: int) -> bool:
+        tr = self.cfg.trainer
+        return bool(tr.save_every) and (step % tr.save_every == 0 or step == tr.total_steps)
+
+    def _rollout(self, rows: list[dict], step: int) -> tuple[RolloutBatch, Scores, int, dict]:
+        """Step `step`'s answers to `rows` with the rollout workers' weights of now, and their rewards."""
         timing = {}
         with timer(timing, "gen"):
-            batch = self.generate(rows, self.G, seed=self._seed("rollout"))
+            batch = self.generate(rows, self.G, seed=self._seed("rollout", step))
         with timer(timing, "reward"):
             scores, timeouts = self.score(batch)
+        return batch, scores, timeouts, timing
+
+    def train_step(self, rows: list[dict] | None) -> dict:
+        """One step on `rows`, or, with trainer.rollout_ahead=1, on the batch the previous step generated
+        while the learner updated (rows=None). At rollout_ahead=1 this step likewise generates and scores
+        the next step's batch while the learner updates on this one, with the weights from before this
+        update: that batch is one update stale (rollout/staleness). Not past a checkpoint: a checkpointed
+        step's next batch is generated after the save, from the saved weights, so a resumed run
+        regenerates it exactly as the uninterrupted run did."""
+        t0 = time.perf_counter()
+        tr = self.cfg.trainer
+        if self._ahead is None:
+            batch, scores, timeouts, timing = self._rollout(rows, self.step)
+            timing["wait_rollout"] = timing["gen"] + timing["reward"]
+        else:
+            (batch, scores, timeouts, timing), self._ahead = self._ahead, None
+            timing["wait_rollout"] = 0.0
         with timer(timing, "adv"):
             batch.rewards = torch.tensor(scores.total, dtype=torch.float32)
             a = self.cfg.algorithm
             batch.advantages = group_advantages(batch.rewards, self.G, a.scale_adv_by_std, baseline=a.adv_baseline)
-        with timer(timing, "update_actor"):
-            actor = self.update(batch)
+        start = time.perf_counter()
+        update = self._pool.submit(self._update_until_done, batch)
+        ahead = tr.rollout_ahead and self.step < tr.total_steps and not self._save_step(self.step)
+        if ahead:
+            self._ahead = self._rollout(self.cursor.next(tr.prompts_per_step), self.step + 1)
+        ahead_done = time.perf_counter()
+        actor, update_done = update.result()
+        timing["update_actor"] = update_done - start
+        if ahead:
+            timing["wait_rollout"] += max(0.0, ahead_done - update_done)  # the learner idles for the rollout
         with timer(timing, "update_weights"):
-            self.sync_weights()
+            sync = self.sync_weights() or {}
         timing["step"] = time.perf_counter() - t0
         metrics = {**{f"timing_s/{k}": v for k, v in timing.items()},
                    **batch_metrics(batch, scores, self.cfg.rollout.gen_length, timing["step"]),
+                   **staleness(batch, self.step), **sync,
                    "reward/timeouts": timeouts, **{f"actor/{k}": v for k, v in actor.items()}}
         self._warn_no_learning(metrics)
         return metrics
+
+    def _update_until_done(self, batch: RolloutBatch) -> tuple[dict, float]:
+        return self.update(batch), time.perf_counter()
 
     def _warn_no_learning(self, metrics: dict) -> None:
         """Say so when a step could not change the policy: silent non-learning looks like a finished run."""
@@ -172,17 +211,18 @@ class Driver:
 
     def update(self, batch: RolloutBatch) -> dict:
         """mu inner updates on every learner rank. Never retried: an update that ran must not run twice."""
-        seed = self._seed("learner")
+        seed = self._seed("learner", self.step)
+        self.actors.learner_version = self.step  # the learner's weights once this update is done
         refs = [learner.update.remote(batch, seed) for learner in self.actors.learners]
         return self.actors.on_learners(refs)[0]  # averaged
 
-    def sync_weights(self) -> None:
+    def sync_weights(self) -> dict | None:
         # every ZeRO-3 rank must gather
         refs = [learner.state_dict_for_rollout.remote() for learner in self.actors.learners]
         self.actors.on_learners(refs)
         # Final only now: a rollout worker (re)started from here on must load these, not older ones.
         self.actors.weights = refs[0]
-        self.actors.call("rollout", lambda _, w: w.load_weights.remote(refs[0]))
+        self.actors.call("rollout", lambda _, w: w.load_weights.remote(refs[0], self.step))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> None:
@@ -201,9 +241,10 @@ class Driver:
         log.info("resumed from %s at step %d", path, self.step)
         return state
 
-    def _seed(self, purpose: str) -> int:
-        return (self.cfg.seed * 1_000_003 + self.step * 7919 + {"rollout": 0, "learner": 1}[purpose]) % 2**31
+    def _seed(self, purpose: str, step: int) -> int:
+        return (self.cfg.seed * 1_000_003 + step * 7919 + {"rollout": 0, "learner": 1}[purpose]) % 2**31
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False)
         self.tracker.close()
         self.actors.close()

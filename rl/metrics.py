@@ -52,6 +52,15 @@ def batch_metrics(batch: RolloutBatch, scores: Scores, gen_length: int, step_sec
     return out
 
 
+def staleness(batch: RolloutBatch, step: int) -> dict:
+    """How many updates the weights that wrote the batch lag behind the weights step `step`'s update
+    starts from (those of step - 1): 0 when rollouts wait for the learner, 1 at trainer.rollout_ahead=1."""
+    if batch.policy_version is None:
+        return {}
+    lag = (step - 1 - batch.policy_version).float()
+    return {"rollout/staleness": float(lag.mean()), "rollout/staleness_max": float(lag.max())}
+
+
 def extras_metrics(extras: dict[str, list]) -> dict:
     """reward/<component>/<key>: the mean of the numeric values of each extra key of verl-style reward
     results (verl logs them as reward_extra_info); keys with no numeric value are left out."""

@@ -40,12 +40,14 @@ class RolloutWorker:
         self.sampler_keys, self.sampler = sampler, sampler_config(sampler)
         self.image_sampler = ImageSamplerConfig(**(sampler.get("image") or {}))
         self.micro_batch = micro_batch
+        self.version = 0  # the training step whose update produced the weights held now (0: the checkpoint's)
 
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    def load_weights(self, state_dict: dict) -> None:
+    def load_weights(self, state_dict: dict, version: int = 0) -> None:
         self.model.load_state_dict(state_dict, strict=True)
+        self.version = version
 
     def generate(self, rows: list[dict], group_size: int, seed: int, temperature: float | None = None,
                  sampler: dict | None = None) -> RolloutBatch:
@@ -57,4 +59,5 @@ class RolloutWorker:
         t0 = time.perf_counter()
         batch = rollout(self.model, self.tokenizer, rows, group_size, sampler, gen, self.micro_batch,
                         self.image_sampler)
-        return replace(batch.to("cpu"), seconds=time.perf_counter() - t0)
+        return replace(batch.to("cpu"), seconds=time.perf_counter() - t0,
+                       policy_version=torch.full((len(batch),), self.version))

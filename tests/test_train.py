@@ -185,3 +185,24 @@ def test_a_streak_of_skipped_optimizer_steps_and_a_step_without_spread_are_warne
     caplog.clear()
     warned = warnings_of(cfg, [{**fine, "reward/frac_zero_std": 1.0}], caplog)
     assert len(warned) == 1 and "step 1: every group's rewards are equal" in warned[0] and "no gradient" in warned[0]
+
+
+@pytest.mark.slow
+def test_rollout_ahead_overlaps_one_stale_step_and_resumes_exactly(local_ray, tmp_path):
+    """rollout_ahead=1: a step after an overlapped one trains on answers one update stale (and the
+    learner did not wait for them); a checkpointed step generates nothing ahead, so resuming from it regenerates the
+    next batch from the saved weights exactly as the uninterrupted run did (same metrics, same weights)."""
+    ahead = ("trainer.total_steps=4", "trainer.save_every=2", "trainer.rollout_ahead=1")
+    straight = run(tmp_path, *ahead, name="a")
+    assert [m["rollout/staleness"] for m in straight[1:]] == [0.0, 1.0, 0.0, 1.0]
+    assert [m["timing_s/wait_rollout"] > 0 for m in straight[1:]] == [True, False, True, False]
+
+    def stable(ms):
+        return [{k: v for k, v in m.items() if not k.startswith(TIMING)} for m in ms]
+
+    step2 = tmp_path / "a" / "checkpoints" / "global_step_2"
+    resumed = run(tmp_path, *ahead, f"trainer.resume={step2}", name="b")
+    assert [m["step"] for m in resumed] == [3, 4]
+    assert stable(straight)[3:] == stable(resumed)
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
