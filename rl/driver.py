@@ -126,6 +126,8 @@ class Driver:
         if ahead:
             self._ahead = self._rollout(self.cursor.next(tr.prompts_per_step), self.step + 1)
         ahead_done = time.perf_counter()
+        if ahead:
+            timing["rollout_ahead"] = ahead_done - start
         actor, update_done = update.result()
         timing["update_actor"] = update_done - start
         if ahead:

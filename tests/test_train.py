@@ -196,6 +196,7 @@ def test_rollout_ahead_overlaps_one_stale_step_and_resumes_exactly(local_ray, tm
     straight = run(tmp_path, *ahead, name="a")
     assert [m["rollout/staleness"] for m in straight[1:]] == [0.0, 1.0, 0.0, 1.0]
     assert [m["timing_s/wait_rollout"] > 0 for m in straight[1:]] == [True, False, True, False]
+    assert ["timing_s/rollout_ahead" in m for m in straight[1:]] == [True, False, True, False]
 
     def stable(ms):
         return [{k: v for k, v in m.items() if not k.startswith(TIMING)} for m in ms]

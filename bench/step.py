@@ -1,0 +1,104 @@
+"""Training step time with and without overlapping rollouts and the learner update, in one run.
+
+    python -m bench.step [OVERRIDE ...] [--steps 10] [--workers 1 2] [--recipe tiny]
+
+For each number of rollout workers, the recipe (default: the default recipe) trains `--steps` steps
+at trainer.rollout_ahead=0 and then at 1, from the same start, without validation or checkpoints;
+every configuration is a fresh Driver on one Ray. Per configuration: the median step time, the
+medians of the rollout inside the step (generation + reward: of the step's own batch at 0, of the
+next step's, generated during the update, at 1) and of the learner update, the rollout share (rollout
+over step) and the learner's idle share (timing_s/wait_rollout over the step: at 0 the whole rollout,
+at 1 only what the update did not cover). The first and last steps are left out of the medians: at
+rollout_ahead=1 the first has nothing generated ahead yet and the last nothing to generate ahead. `speedup` is the median step time at 0 over
+that at 1, per worker count.
+One JSON object is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+import rl.config  # noqa: F401  (registers the config schema that conf/config.yaml's defaults start from)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(recipe: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"recipe={recipe}", *overrides])
+
+
+def run(cfg, run_dir: Path) -> list[dict]:
+    from rl.driver import Driver
+    from rl.tracking import read_metrics
+
+    driver = Driver(cfg, run_dir)
+    try:
+        driver.fit()
+    finally:
+        driver.close()
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def rollout_seconds(m: dict) -> float:
+    """Seconds of rollout (generation + reward) inside the step: this step's own batch when nothing ran
+    ahead, else the next step's batch generated during the update."""
+    return m.get("timing_s/rollout_ahead", m["timing_s/gen"] + m["timing_s/reward"])
+
+
+def summarize(metrics: list[dict]) -> dict:
+    # Neither the first step (nothing generated ahead yet) nor the last (nothing to generate ahead).
+    last = max(m["step"] for m in metrics)
+    steps = [m for m in metrics if 1 < m["step"] < last and "timing_s/step" in m]
+
+    def med(f):
+        return round(statistics.median(f(m) for m in steps), 3)
+
+    return {
+        "steps_measured": len(steps),
+        "step_seconds_median": med(lambda m: m["timing_s/step"]),
+        "rollout_seconds_median": med(rollout_seconds),
+        "update_seconds_median": med(lambda m: m["timing_s/update_actor"]),
+        "sync_seconds_median": med(lambda m: m["timing_s/update_weights"]),
+        "rollout_share": med(lambda m: rollout_seconds(m) / m["timing_s/step"]),
+        "learner_idle_share": med(lambda m: m["timing_s/wait_rollout"] / m["timing_s/step"]),
+        "staleness_mean": round(statistics.mean(m["rollout/staleness"] for m in steps), 3),
+        "reward_mean": round(statistics.mean(m["reward/mean"] for m in steps), 4),
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--recipe", default="tiny")
+    ap.add_argument("overrides", nargs="*", help="config overrides applied to every configuration")
+    args = ap.parse_args(argv)
+    if args.steps < 3:
+        ap.error("--steps must be >= 3 (the first and last steps are left out of the medians)")
+    base = [f"trainer.total_steps={args.steps}", "trainer.val_before_train=false", "trainer.val_every=0",
+            "trainer.save_every=0", *args.overrides]
+    result = {"recipe": args.recipe, "steps": args.steps, "overrides": args.overrides, "configs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.workers:
+            for ahead in (0, 1):
+                name = f"workers={n},rollout_ahead={ahead}"
+                cfg = config(args.recipe, [*base, f"rollout.num_workers={n}", f"trainer.rollout_ahead={ahead}"])
+                result["configs"][name] = summarize(run(cfg, Path(tmp) / name.replace(",", "_")))
+                print(json.dumps({name: result["configs"][name]}), file=sys.stderr, flush=True)
+    result["speedup"] = {
+        f"workers={n}": round(result["configs"][f"workers={n},rollout_ahead=0"]["step_seconds_median"]
+                              / result["configs"][f"workers={n},rollout_ahead=1"]["step_seconds_median"], 3)
+        for n in args.workers}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
