@@ -176,13 +176,8 @@ class Driver:
         refs = [learner.update.remote(batch, seed) for learner in self.actors.learners]
         return self.actors.on_learners(refs)[0]  # averaged
 
-    def sync_weights(self) -> None:
-        # every ZeRO-3 rank must gather
-        refs = [learner.state_dict_for_rollout.remote() for learner in self.actors.learners]
-        self.actors.on_learners(refs)
-        # Final only now: a rollout worker (re)started from here on must load these, not older ones.
-        self.actors.weights = refs[0]
-        self.actors.call("rollout", lambda _, w: w.load_weights.remote(refs[0]))
+    def sync_weights(self) -> dict:
+        return self.actors.sync_weights(self.step)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> None:
