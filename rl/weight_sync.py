@@ -87,7 +87,7 @@ class WeightGroup:
         else:
             self._store = dist.TCPStore(addr, port, size, False, left())
             own = local_address(addr, port)
-        store = dist.PrefixStore(f"{prefix}/", self._store)
+        store = dist.PrefixStore(prefix, self._store)
         self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self.pg = _backend(self.device, store, rank, size, left(), own)
         # A first collective inside the deadline: a member that is missing fails formation here, not

@@ -85,7 +85,9 @@ class RolloutWorker:
         before = {name for name, _ in self.model.named_parameters()}
         inject_adapter_in_model(lora_config(lora), self.model)
         self.model.to(self.device).eval()
-        self.adapter_names = [name for name, _ in self.model.named_parameters() if name not in before]
+        # New names, less the wrapped layers' own weights (q_proj.weight is now q_proj.base_layer.weight).
+        self.adapter_names = [name for name, _ in self.model.named_parameters()
+                              if name not in before and ".base_layer." not in name]
 
     # ---- the collective weight sync (rl/weight_sync.py) -----------------------------------------
     def join_weight_group(self, addr: str, port: int, rank: int, size: int, timeout_s: float, prefix: str) -> None:

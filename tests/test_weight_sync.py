@@ -87,3 +87,169 @@ def test_a_member_that_never_arrives_fails_formation_within_the_timeout():
     sock = listen("127.0.0.1")
     with pytest.raises(RuntimeError, match="(?i)timed? ?out|Timeout"):
         WeightGroup("127.0.0.1", sock.getsockname()[1], 0, 2, "cpu", 1.0, "test", sock=sock)
+
+
+# ---- through Ray: the real learner and rollout workers -------------------------------------------
+
+FAST = ["trainer.val_before_train=false", "trainer.val_every=0", "trainer.save_every=0", "algorithm.mu=1",
+        "rollout.gen_length=16", "rollout.steps=8"]
+
+
+def one_more_step(driver) -> None:
+    driver.cfg.trainer.total_steps = driver.step + 1
+    driver.fit()
+
+
+def held(worker, what="self.model.state_dict()"):
+    import ray
+    return ray.get(worker.__ray_call__.remote(lambda self: (eval(what), self.version)))  # noqa: S307 (test code)
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def perturb(learner, which: str = "") -> None:
+    """Noise on the learner's trainable weights (those whose name holds `which`): one step of the tiny
+    model may leave them unchanged (equal rewards give no gradient), and a sync must show it moved them."""
+    import ray
+
+    def add_noise(self):
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                if p.requires_grad and which in name:
+                    p.add_(torch.randn_like(p))
+
+    ray.get(learner.__ray_call__.remote(add_noise))
+
+
+def busy_at_next_sync(driver, seconds: float) -> None:
+    """rollout-0 runs a `seconds` call when the next sync starts: it cannot join the group in time."""
+    import time
+
+    original = driver.sync_weights
+
+    def sync():
+        driver.sync_weights = original
+        driver.actors.rollout[0].__ray_call__.remote(lambda self: time.sleep(seconds))
+        return original()
+
+    driver.sync_weights = sync
+
+
+@pytest.mark.slow
+def test_two_workers_get_the_learners_weights_a_killed_one_rejoins_and_auto_falls_back(local_ray, tmp_path, caplog):
+    import logging
+
+    import ray
+
+    from rl.driver import Driver
+    from tests.conftest import compose_cfg
+    from tests.test_faults import kill
+
+    driver = Driver(compose_cfg(*FAST, "rollout.num_workers=2", "trainer.weight_sync_timeout_s=3"), tmp_path / "run")
+    actors = driver.actors
+    learner = actors.learners[0]
+    try:
+        with caplog.at_level(logging.INFO, logger="dllm_rl"):
+            one_more_step(driver)  # a real update, then the first sync forms the group
+            assert "weight sync: collective" in caplog.text and actors.sync_mode == "collective"
+            policy = ray.get(learner.state_dict_for_rollout.remote())
+            for worker in actors.rollout:
+                weights, version = held(worker)
+                assert same(weights, policy) and version == 1
+            perturb(learner)
+            metrics = actors.sync_weights(driver.step)
+            policy = ray.get(learner.state_dict_for_rollout.remote())
+            for worker in actors.rollout:
+                assert same(held(worker)[0], policy)
+            assert metrics == {"sync/collective": 1.0,
+                               "sync/bytes": float(sum(v.numel() * 4 for v in policy.values()))}
+
+            # Killed between syncs: the replacement takes its live peer's weights before its call is resent.
+            kill(actors.rollout[1])
+            driver.generate(driver.cursor.rows[:2], 2, seed=1)
+            assert "restarted rollout-1" in caplog.text
+            peer, restarted = held(actors.rollout[0]), held(actors.rollout[1])
+            assert same(restarted[0], peer[0]) and restarted[1] == peer[1] == 1
+            # ...and rejoins the group at the next sync.
+            one_more_step(driver)
+            assert "weight group formed again" in caplog.text
+            policy = ray.get(learner.state_dict_for_rollout.remote())
+            for worker in actors.rollout:
+                weights, version = held(worker)
+                assert same(weights, policy) and version == 2
+
+            # A member that cannot join within trainer.weight_sync_timeout_s (rollout-0 busy): auto falls
+            # back to the object store, says why, and training goes on.
+            actors.sync_mode = None
+            busy_at_next_sync(driver, 5)
+            one_more_step(driver)
+        assert actors.sync_mode == "object_store"
+        reason = caplog.text.split("because the collective group could not form: ", 1)[1].splitlines()[0]
+        assert "learner-0:" in reason and "rollout-0:" in reason, reason
+        policy = ray.get(learner.state_dict_for_rollout.remote())
+        for worker in actors.rollout:
+            weights, version = held(worker)
+            assert same(weights, policy) and version == 3
+        assert actors.sync_weights(driver.step) == {"sync/collective": 0.0}
+
+        # weight_sync=collective in the same condition is an error that names the setting and the reason.
+        actors.sync_mode, driver.cfg.trainer.weight_sync = None, "collective"
+        busy_at_next_sync(driver, 5)
+        with pytest.raises(RuntimeError, match="trainer.weight_sync=collective: the weight group .* could not form: "
+                                               ".*learner-0"):
+            driver.sync_weights()
+    finally:
+        driver.close()
+
+
+@pytest.mark.slow
+def test_lora_sends_the_adapters_only_and_the_rollout_runs_them_unmerged(local_ray, tmp_path, caplog):
+    import logging
+
+    import ray
+
+    from rl.driver import Driver
+    from tests.conftest import compose_cfg
+    from tests.test_faults import kill
+
+    driver = Driver(compose_cfg(*FAST, "model.lora={r: 4, alpha: 8}"), tmp_path / "run")
+    actors, learner = driver.actors, driver.actors.learners[0]
+    try:
+        one_more_step(driver)
+        perturb(learner, "lora_B")  # lora_B starts at 0: the merged weights would equal the base's
+        metrics = actors.sync_weights(driver.step)
+        adapters = ray.get(learner.state_dict_for_rollout.remote(adapters=True))
+        full = ray.get(learner.state_dict_for_rollout.remote())
+        assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
+        assert metrics["sync/bytes"] == sum(v.numel() * 4 for v in adapters.values())
+        assert metrics["sync/bytes"] < sum(v.numel() * 4 for v in full.values()) / 10
+        worker = actors.rollout[0]
+        (weights, version), names = held(worker), held(worker, "self.adapter_names")[0]
+        assert sorted(names) == sorted(adapters) and version == 1
+        assert all(torch.equal(weights[k], v) for k, v in adapters.items())
+
+        def merged(self):
+            """The rollout's effective weights: its adapters merged into a copy of its model."""
+            import copy
+
+            from peft.tuners.lora import LoraLayer
+
+            model = copy.deepcopy(self.model)
+            for mod in model.modules():
+                if isinstance(mod, LoraLayer):
+                    mod.merge()
+            return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+        assert same(ray.get(worker.__ray_call__.remote(merged)), full)
+
+        # The only rollout worker killed: no peer to copy, so it takes the learner's adapters, with a warning.
+        kill(worker)
+        with caplog.at_level(logging.WARNING, logger="dllm_rl"):
+            driver.generate(driver.cursor.rows[:1], 2, seed=1)
+        assert "no other rollout worker was alive" in caplog.text
+        weights, version = held(actors.rollout[0])
+        assert all(torch.equal(weights[k], v) for k, v in adapters.items()) and version == 1
+    finally:
+        driver.close()
