@@ -328,7 +328,12 @@ class Actors:
         if mode == "object_store":
             log.info("weight sync: through Ray's object store (trainer.weight_sync=object_store)")
             return mode
-        reason = self._form_group()
+        reason, dead = self._form_group()
+        if dead and self.cfg.trainer.on_actor_failure == "retry":
+            for i in dead:  # no sync yet: the replacement's checkpoint weights are its peers'
+                self.restart(f"rollout-{i}")
+                log.warning("restarted rollout-%d, forming the weight group again", i)
+            reason, _ = self._form_group()
         if reason is None:
             lora = self._lora()
             if lora is not None:
@@ -346,9 +351,10 @@ class Actors:
                     "(trainer.weight_sync=auto)", reason)
         return "object_store"
 
-    def _form_group(self) -> str | None:
-        """Form the weight group (learner rank 0 + every rollout worker), dropping any earlier one; None
-        when it formed, else why not (a member's error, or one that did not answer in time)."""
+    def _form_group(self) -> tuple[str | None, list[int]]:
+        """Form the weight group (learner rank 0 + every rollout worker), dropping any earlier one.
+        Gives None when it formed, else why not (a member's error, or one that did not answer in time),
+        and the rollout workers found dead."""
         n, m = len(self.rollout), len(self.reward)
         timeout = self.cfg.trainer.weight_sync_timeout_s
         if self._store_addr is None:
@@ -362,7 +368,7 @@ class Actors:
                    for i, w in enumerate(self.rollout)}}
         # Every member gives up by itself after `timeout`; the margin covers a call queued behind another.
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout + 30)
-        errors = []
+        errors, dead = [], []
         for name, ref in refs.items():
             if ref not in ready:
                 errors.append(f"{name} did not answer within {timeout + 30:g}s")
@@ -374,13 +380,14 @@ class Actors:
                     raise RuntimeError("a learner rank died; its optimizer state is lost, so the run stops here "
                                        "(resume from the newest checkpoint: trainer.resume=auto)") from e
                 errors.append(f"{name} died")
+                dead.append(int(name.rsplit("-", 1)[1]))
             except ray.exceptions.RayTaskError as e:
                 errors.append(f"{name}: {_cause(e)}")
         self._group_stale = bool(errors)
         if errors:
             self._leave_group()
-            return "; ".join(errors)
-        return None
+            return "; ".join(errors), dead
+        return None, []
 
     def _leave_group(self) -> None:
         """Every live member drops its group (a dead one's sockets are already closed)."""
@@ -400,7 +407,7 @@ class Actors:
             attempt += 1
             errors, dead = [], []
             if self._group_stale:
-                reason = self._form_group()
+                reason, dead = self._form_group()
                 if reason is not None:
                     errors.append(f"the group could not form again: {reason}")
                 else:
@@ -431,8 +438,7 @@ class Actors:
                                    f"{tr.on_actor_failure}, trainer.max_retries={tr.max_retries})")
             for i in dead:
                 self.restart(f"rollout-{i}", weights=False)
-            self._leave_group()
-            self._group_stale = True
+            self._group_stale = True  # every member drops its old group when the new one forms
             restarted = "".join(f"restarted rollout-{i}; " for i in dead)
             log.warning("%ssending the weights again over a new group (attempt %d) after: %s", restarted, attempt + 1,
                         "; ".join(errors))
