@@ -9,9 +9,12 @@ medians of the rollout inside the step (generation + reward: of the step's own b
 next step's, generated during the update, at 1) and of the learner update, the rollout share (rollout
 over step) and the learner's idle share (timing_s/wait_rollout over the step: at 0 the whole rollout,
 at 1 only what the update did not cover). The first and last steps are left out of the medians: at
-rollout_ahead=1 the first has nothing generated ahead yet and the last nothing to generate ahead. `speedup` is the median step time at 0 over
-that at 1, per worker count.
-One JSON object is printed.
+rollout_ahead=1 the first has nothing generated ahead yet and the last nothing to generate ahead.
+`speedup` is the median step time at 0 over that at 1, per worker count.
+
+Then the weight sync (bench/sync.py, `--sync-sizes`, none to skip): seconds per sync through Ray's
+object store and over the collective group at three model sizes with 2 rollout workers. One JSON
+object is printed.
 """
 from __future__ import annotations
 
@@ -78,6 +81,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--recipe", default="tiny")
+    ap.add_argument("--sync-sizes", nargs="*", default=["tiny", "25M", "100M"],
+                    help="bench/sync.py model sizes for the sync measurement (none: skip it)")
+    ap.add_argument("--sync-repeats", type=int, default=3)
     ap.add_argument("overrides", nargs="*", help="config overrides applied to every configuration")
     args = ap.parse_args(argv)
     if args.steps < 3:
@@ -96,6 +102,10 @@ def main(argv=None) -> dict:
         f"workers={n}": round(result["configs"][f"workers={n},rollout_ahead=0"]["step_seconds_median"]
                               / result["configs"][f"workers={n},rollout_ahead=1"]["step_seconds_median"], 3)
         for n in args.workers}
+    if args.sync_sizes:
+        from bench.sync import measure
+
+        result["sync"] = measure(args.sync_sizes, workers=2, repeats=args.sync_repeats)
     print(json.dumps(result, indent=2))
     return result
 

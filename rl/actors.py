@@ -36,8 +36,14 @@ def _node_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), _free_port()
 
 
-def _rank0_address(strategy) -> tuple[str, int]:
+def _rank0_address(local: bool, strategy) -> tuple[str, int]:
+    """Where learner rank 0 listens (its process group, the weight group's store): loopback when Ray
+    runs on this machine alone (local), else its node's address, which every other node can reach."""
+    if local:
+        return "127.0.0.1", _free_port()
     return ray.get(_node_address.options(scheduling_strategy=strategy).remote())
+
+
 
 
 def _running_key(actor: str) -> str:
@@ -73,8 +79,14 @@ class Actors:
         self.cfg, self.model_path, self.accuracy_keys = cfg, model_path, accuracy_keys
         overrides = cfg.model.get("config_overrides")
         self.config_overrides = OmegaConf.to_container(overrides) if isinstance(overrides, DictConfig) else {}
-        self.weights = None  # ObjectRef of the newest policy weights, for (re)started rollout workers
-        self.learner_version = 0  # the step whose update the learner runs or ran last (set by the driver)
+        # Weight sync (sync_weights): the mode, chosen at the first sync; in object_store mode the ObjectRef
+        # of the newest weights and their version, which a restarted rollout worker loads. The driver sets
+        # learner_version to the step whose update it has submitted (sync_weights keeps it too).
+        self.sync_mode: str | None = None
+        self.weights, self.weights_version, self.learner_version = None, 0, 0
+        self._group_formations = 0  # names each formation of the collective group (its store prefix)
+        self._group_stale = False  # a rollout worker was restarted: the group forms again at the next sync
+        self._store_addr: str | None = None  # learner rank 0's node address
         start_ray(cfg.ray, cfg.trainer.device)
         n, m, k = cfg.rollout.num_workers, cfg.reward.num_workers, cfg.trainer.num_learners if learners else 0
         gpu = 1 if cfg.trainer.device == "cuda" else 0
@@ -119,7 +131,7 @@ class Actors:
             # The port is free when picked but bound only later, by rank 0's process group; anything
             # starting on that node meanwhile (Ray's own workers) may take it first. Then all ranks
             # are started again on another port.
-            addr, port = _rank0_address(self._bundle(n + m))
+            addr, port = _rank0_address(cfg.ray.address is None, self._bundle(n + m))
             learners = [
                 ray.remote(Learner).options(name=f"learner-{r}", num_cpus=1, num_gpus=gpu,
                                             scheduling_strategy=self._bundle(n + m + r),
@@ -159,8 +171,6 @@ class Actors:
             runtime_env=self._env()).remote(self.model_path, sampler, self.cfg.ray.threads_per_actor,
                                             self.cfg.trainer.device, r.micro_batch, self.cfg.model.dtype,
                                             self.config_overrides)
-        if self.weights is not None:
-            ray.get(actor.load_weights.remote(self.weights))
         return actor
 
     def _make_reward(self, i: int):
@@ -247,7 +257,9 @@ class Actors:
         key = internal_kv._internal_kv_get(_running_key(name))
         return f" while running reward {key.decode()!r}" if key else ""
 
-    def restart(self, name: str) -> None:
+    def restart(self, name: str, weights: bool = True) -> None:
+        """A new actor in place of `name`. A rollout worker also gets the policy its peers hold
+        (weights=False: none, for a sync that is about to send them anyway)."""
         kind, idx = name.rsplit("-", 1)
         idx = int(idx)
         pool = {"rollout": self.rollout, "reward": self.reward}[kind]
@@ -258,8 +270,184 @@ class Actors:
             pool[idx] = self._make_rollout(idx) if kind == "rollout" else self._make_reward(idx)
             # Ready before the call is resent, so that the call's deadline does not include the start-up.
             ray.get(pool[idx].__ray_ready__.remote())
+            if kind == "rollout" and self.sync_mode == "collective":
+                self._group_stale = True  # it joins the group when the next sync forms it again
+                if self._lora() is not None:
+                    ray.get(pool[idx].add_adapters.remote(self._lora()))
+            if kind == "rollout" and weights:
+                self._restore_weights(idx)
         except ray.exceptions.RayActorError as e:
             raise RuntimeError(f"could not restart {name}: its replacement died while starting ({e})") from e
+
+    # ---- weights -----------------------------------------------------------------------------
+    def _restore_weights(self, i: int) -> None:
+        """Give restarted rollout-i the weights its live peers hold, so that all of one generate call's
+        answers come from one policy version. Object store mode: the last synced ObjectRef. Collective
+        mode: a live peer's own weights (Ray's object store, on this rare path); the learner's only when
+        no peer is alive, and those may be newer than what the dead worker held (an update may have run
+        since). The group forms again with the new member at the next sync."""
+        worker = self.rollout[i]
+        if self.sync_mode == "object_store" and self.weights is not None:
+            ray.get(worker.load_weights.remote(self.weights, self.weights_version))
+            return
+        if self.sync_mode != "collective":
+            return  # no sync yet: the checkpoint's weights, as every peer's
+        for j, peer in enumerate(self.rollout):
+            if j == i:
+                continue
+            try:
+                version = ray.get(peer.weights_version.remote())
+            except ray.exceptions.RayActorError:
+                continue  # dead too; call() restarts it in turn
+            ray.get(worker.load_weights.remote(peer.state_dict.remote(), version))
+            log.info("rollout-%d (new) holds rollout-%d's weights (version %d)", i, j, version)
+            return
+        refs = [learner.state_dict_for_rollout.remote(adapters=self._lora() is not None) for learner in self.learners]
+        self.on_learners(refs)
+        ray.get(worker.load_weights.remote(refs[0], self.learner_version))
+        log.warning("rollout-%d (new) holds the learner's weights: no other rollout worker was alive to copy from, "
+                    "and the learner's may be newer than the ones it generated with (an update may have run "
+                    "since, taken as version %d)", i, self.learner_version)
+
+    def _lora(self) -> dict | None:
+        lora = self.cfg.model.lora
+        return OmegaConf.to_container(lora) if isinstance(lora, DictConfig) else lora
+
+    def sync_weights(self, version: int) -> dict:
+        """The learners' weights after the update of step `version` onto every rollout worker, as
+        trainer.weight_sync says (the mode is chosen, and logged once, at the first sync). Metrics:
+        sync/collective (1 or 0), and in collective mode sync/bytes (what one receiver got)."""
+        self.learner_version = version
+        if self.sync_mode is None:
+            self.sync_mode = self._choose_sync_mode()
+        if self.sync_mode == "object_store":
+            refs = [learner.state_dict_for_rollout.remote() for learner in self.learners]  # every ZeRO-3 rank gathers
+            self.on_learners(refs)
+            # Final only now: a rollout worker (re)started from here on must load these, not older ones.
+            self.weights, self.weights_version = refs[0], version
+            self.call("rollout", lambda _, w: w.load_weights.remote(refs[0], version))
+            return {"sync/collective": 0.0}
+        return self._sync_collective(version)
+
+    def _choose_sync_mode(self) -> str:
+        mode = self.cfg.trainer.weight_sync
+        if mode == "object_store":
+            log.info("weight sync: through Ray's object store (trainer.weight_sync=object_store)")
+            return mode
+        reason, dead = self._form_group()
+        if dead and self.cfg.trainer.on_actor_failure == "retry":
+            for i in dead:  # no sync yet: the replacement's checkpoint weights are its peers'
+                self.restart(f"rollout-{i}")
+                log.warning("restarted rollout-%d, forming the weight group again", i)
+            reason, _ = self._form_group()
+        if reason is None:
+            lora = self._lora()
+            if lora is not None:
+                ray.get([w.add_adapters.remote(lora) for w in self.rollout])
+            log.info("weight sync: collective, learner rank 0 broadcasts %s to %d rollout worker(s) over %s in "
+                     "buckets of %g MB (trainer.weight_sync=%s)", "the LoRA adapters" if lora else "the weights",
+                     len(self.rollout), "NCCL" if self.cfg.trainer.device == "cuda" else "gloo",
+                     self.cfg.trainer.weight_sync_bucket_mb, mode)
+            return "collective"
+        if mode == "collective":
+            raise RuntimeError(f"trainer.weight_sync=collective: the weight group of learner rank 0 and the rollout "
+                               f"workers could not form: {reason} (trainer.weight_sync=auto falls back to Ray's "
+                               "object store instead)")
+        log.warning("weight sync: through Ray's object store, because the collective group could not form: %s "
+                    "(trainer.weight_sync=auto)", reason)
+        return "object_store"
+
+    def _form_group(self) -> tuple[str | None, list[int]]:
+        """Form the weight group (learner rank 0 + every rollout worker), dropping any earlier one.
+        Gives None when it formed, else why not (a member's error, or one that did not answer in time),
+        and the rollout workers found dead."""
+        n, m = len(self.rollout), len(self.reward)
+        timeout = self.cfg.trainer.weight_sync_timeout_s
+        if self._store_addr is None:
+            self._store_addr = _rank0_address(self.cfg.ray.address is None, self._bundle(n + m))[0]
+        addr, learner = self._store_addr, self.learners[0]
+        self._group_formations += 1
+        prefix, size = f"weights-{self._group_formations}", n + 1
+        port = self.on_learners([learner.open_weight_group.remote(addr)])[0]
+        refs = {"learner-0": learner.join_weight_group.remote(size, timeout, prefix),
+                **{f"rollout-{i}": w.join_weight_group.remote(addr, port, i + 1, size, timeout, prefix)
+                   for i, w in enumerate(self.rollout)}}
+        # Every member gives up by itself after `timeout`; the margin covers a call queued behind another.
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout + 30)
+        errors, dead = [], []
+        for name, ref in refs.items():
+            if ref not in ready:
+                errors.append(f"{name} did not answer within {timeout + 30:g}s")
+                continue
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                if name == "learner-0":
+                    raise RuntimeError("a learner rank died; its optimizer state is lost, so the run stops here "
+                                       "(resume from the newest checkpoint: trainer.resume=auto)") from e
+                errors.append(f"{name} died")
+                dead.append(int(name.rsplit("-", 1)[1]))
+            except ray.exceptions.RayTaskError as e:
+                errors.append(f"{name}: {_cause(e)}")
+        self._group_stale = bool(errors)
+        if errors:
+            self._leave_group()
+            return "; ".join(errors), dead
+        return None, []
+
+    def _leave_group(self) -> None:
+        """Every live member drops its group (a dead one's sockets are already closed)."""
+        refs = [a.leave_weight_group.remote() for a in (self.learners[:1] + self.rollout)]
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                pass
+
+    def _sync_collective(self, version: int) -> dict:
+        """One broadcast to every rollout worker. A rollout worker that dies fails the broadcast for all
+        (learner rank 0 then drops the group, so nobody waits on it); the dead worker is restarted, the
+        group formed again with it, and the whole broadcast sent again, at most trainer.max_retries times."""
+        tr, attempt = self.cfg.trainer, 0
+        while True:
+            attempt += 1
+            errors, dead = [], []
+            if self._group_stale:
+                reason, dead = self._form_group()
+                if reason is not None:
+                    errors.append(f"the group could not form again: {reason}")
+                else:
+                    log.info("weight group formed again, with the restarted rollout worker(s)")
+            if not errors:
+                learner_refs = [learner.broadcast_weights.remote(self.cfg.model.dtype, tr.weight_sync_bucket_mb)
+                                for learner in self.learners]
+                receive_refs = [w.receive_weights.remote(version) for w in self.rollout]
+                received = None
+                for i, ref in enumerate(receive_refs):
+                    try:
+                        received = ray.get(ref)
+                    except ray.exceptions.RayActorError:
+                        dead.append(i)
+                        errors.append(f"rollout-{i} died")
+                    except ray.exceptions.RayTaskError as e:
+                        errors.append(f"rollout-{i}: {_cause(e)}")
+                try:
+                    self.on_learners(learner_refs)
+                except ray.exceptions.RayTaskError as e:
+                    errors.append(f"learner-0: {_cause(e)}")
+                if not errors:
+                    return {"sync/collective": 1.0, "sync/bytes": float(received["bytes"])}
+            for i in dead:
+                log.error("actor rollout-%d died during the weight sync", i)
+            if tr.on_actor_failure == "fail" or attempt > tr.max_retries:
+                raise RuntimeError(f"the weight sync failed: {'; '.join(errors)}; stopping (trainer.on_actor_failure="
+                                   f"{tr.on_actor_failure}, trainer.max_retries={tr.max_retries})")
+            for i in dead:
+                self.restart(f"rollout-{i}", weights=False)
+            self._group_stale = True  # every member drops its old group when the new one forms
+            restarted = "".join(f"restarted rollout-{i}; " for i in dead)
+            log.warning("%ssending the weights again over a new group (attempt %d) after: %s", restarted, attempt + 1,
+                        "; ".join(errors))
 
     def close(self) -> None:
         for a in [*self.rollout, *self.reward, *self.learners]:
@@ -268,6 +456,12 @@ class Actors:
         # Names are released asynchronously; a driver started next in the same Ray must find them free.
         _wait_gone([f"{kind}-{i}" for kind, pool in (("rollout", self.rollout), ("reward", self.reward),
                                                       ("learner", self.learners)) for i in range(len(pool))])
+
+
+def _cause(e: ray.exceptions.RayTaskError) -> str:
+    """The remote exception's own message, first line (not Ray's traceback around it)."""
+    cause = getattr(e, "cause", None) or e
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
 
 
 def _wait_gone(names: list[str], timeout: float = 30.0) -> None:

@@ -133,7 +133,7 @@ class Driver:
         if ahead:
             timing["wait_rollout"] += max(0.0, ahead_done - update_done)  # the learner idles for the rollout
         with timer(timing, "update_weights"):
-            sync = self.sync_weights() or {}
+            sync = self.sync_weights()
         timing["step"] = time.perf_counter() - t0
         metrics = {**{f"timing_s/{k}": v for k, v in timing.items()},
                    **batch_metrics(batch, scores, self.cfg.rollout.gen_length, timing["step"]),
@@ -218,13 +218,8 @@ class Driver:
         refs = [learner.update.remote(batch, seed) for learner in self.actors.learners]
         return self.actors.on_learners(refs)[0]  # averaged
 
-    def sync_weights(self) -> dict | None:
-        # every ZeRO-3 rank must gather
-        refs = [learner.state_dict_for_rollout.remote() for learner in self.actors.learners]
-        self.actors.on_learners(refs)
-        # Final only now: a rollout worker (re)started from here on must load these, not older ones.
-        self.actors.weights = refs[0]
-        self.actors.call("rollout", lambda _, w: w.load_weights.remote(refs[0], self.step))
+    def sync_weights(self) -> dict:
+        return self.actors.sync_weights(self.step)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,41 +21,14 @@ from rl.batch import RolloutBatch
 from rl.config import OptimConfig, build, check_memory
 from rl.errors import fail
 from rl.estimators import build_estimator
+from rl.lora import lora_config as _check_lora
 from rl.models import check_checkpoint_dir, load_model, load_tokenizer
-from rl.models.llada_v import LORA_TARGETS as LLADA_V_LORA_TARGETS
 from rl.update import policy_update
+from rl.weight_sync import WeightGroup, listen
 from rollout.rollout import WithImages
 
-# LLaDA's projections inside the blocks; a regex, because the bare name "ff_out" would also put an
-# adapter on the untied LM head (model.transformer.ff_out). LLaDA-V's language model names them LLaMA's
-# way; anchored at its model.layers, so the frozen SigLIP tower's own q_proj/... stay without adapters.
-LORA_TARGETS = rf".*\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)|{LLADA_V_LORA_TARGETS}"
-LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": LORA_TARGETS}
-LORA_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}  # the names recipes use
 METRICS = ("pg_loss", "pg_clipfrac", "ppo_kl", "kl_loss", "entropy", "grad_norm", "skipped_steps", "lr")
 CHECKPOINT_TAG = "learner"
-
-
-def _check_lora(lora: dict | None):
-    if lora is None:
-        return None
-    from peft import LoraConfig
-
-    if not isinstance(lora, dict):
-        fail("model.lora", lora, "expected None or a dict of peft LoraConfig fields (r, lora_alpha, ...)")
-    lora = dict(lora)
-    for short, full in LORA_ALIASES.items():
-        if short in lora:
-            if full in lora:
-                fail(f"model.lora.{short}", lora[short], f"expected alone, not with lora.{full} (the same setting)")
-            lora[full] = lora.pop(short)
-    kw = {**LORA_DEFAULTS, **lora}
-    if not isinstance(kw["r"], int) or isinstance(kw["r"], bool) or kw["r"] < 1:
-        fail("model.lora.r", kw["r"], "expected an integer >= 1")
-    try:
-        return LoraConfig(**kw)
-    except TypeError as e:
-        raise ValueError(f"model.lora: expected peft LoraConfig fields ({e})") from None
 
 
 def _ds_config(zero_stage: int, optim: OptimConfig, cpu: bool, bf16: bool, offload: str = "none") -> dict:
@@ -156,6 +130,7 @@ class Learner:
         self.model_path, self.rank, self.world_size = str(model_path), rank, world_size
         self.zero_stage, self.bf16, self.seed = zero_stage, bf16, seed
         self._owns_group = self._init_process_group(master_addr, master_port)
+        self._weight_group, self._weight_sock = None, None  # rank 0's, to the rollout workers (open_weight_group)
         # ZeRO-3 shards each rank's own copy without broadcasting it, so randomly initialised weights
         # (LoRA's A matrices) must come out identical on every rank.
         torch.manual_seed(seed)
@@ -304,40 +279,108 @@ class Learner:
             return nullcontext()
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
-    def state_dict_for_rollout(self) -> dict[str, torch.Tensor] | None:
-        """Full fp32 CPU weights in LLaDAModelLM's key layout on rank 0 (None elsewhere); collective.
+    def _rollout_tensors(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """(name, tensor) of every weight a rollout worker runs, in LLaDAModelLM's key layout and a fixed
+        order; collective (every rank draws every item). The tensor is rank 0's alone (None elsewhere)
+        and valid only until the next item is drawn: ZeRO-3 shards are gathered one module at a time,
+        so no rank ever holds two full copies. The single source of both state_dict_for_rollout and
+        broadcast_weights, so the object store and the collective sync cannot send different weights.
 
-        ZeRO-3 shards are gathered one module at a time so no rank ever holds two full copies.
-        LoRA adapters are merged arithmetically (W + delta) into the returned tensors only: merging
+        LoRA adapters are merged arithmetically (W + delta) into the yielded tensors only: merging
         in place and unmerging afterwards would leave rounding error in the trained base weights.
         """
         from peft.tuners.lora import LoraLayer
 
-        out: dict[str, torch.Tensor] = {}
         lora_prefixes: list[str] = []
-
-        def keep(key: str, tensor: torch.Tensor):
-            if self.rank == 0:
-                out[key] = tensor.detach().to("cpu", torch.float32, copy=True)
-
         for name, mod in self.module.named_modules():
             if any(name.startswith(p) for p in lora_prefixes):
                 continue
             if isinstance(mod, LoraLayer):
                 lora_prefixes.append(name + ".")
-                with self._gathered(mod.parameters()), torch.no_grad():
+                with self._gathered(mod.parameters()):
+                    w = None
                     if self.rank == 0:
-                        w = mod.base_layer.weight
-                        for adapter in mod.active_adapters:
-                            w = w + mod.get_delta_weight(adapter).to(w.dtype)
-                        keep(f"{name}.weight", w)
+                        with torch.no_grad():
+                            w = mod.base_layer.weight
+                            for adapter in mod.active_adapters:
+                                w = w + mod.get_delta_weight(adapter).to(w.dtype)
+                    yield f"{name}.weight", w
                 continue
             own = list(mod.named_parameters(recurse=False))
             if own:
                 with self._gathered(p for _, p in own):
                     for pname, p in own:
-                        keep(f"{name}.{pname}" if name else pname, p)
+                        yield (f"{name}.{pname}" if name else pname), p.detach() if self.rank == 0 else None
+
+    def _adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """(name, tensor) of the trainable LoRA tensors (lora_A/lora_B...), named as in the policy module
+        (which is how peft.inject_adapter_in_model names them in a rollout worker's model); as
+        _rollout_tensors: collective, the values rank 0's, each valid until the next is drawn."""
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                with self._gathered([p]):
+                    yield name, p.detach() if self.rank == 0 else None
+
+    def state_dict_for_rollout(self, adapters: bool = False) -> dict[str, torch.Tensor] | None:
+        """Full fp32 CPU weights in LLaDAModelLM's key layout on rank 0 (None elsewhere), LoRA merged;
+        collective. adapters=True (LoRA only): just the adapter tensors, for a rollout worker that
+        runs them unmerged on the checkpoint's base weights (the collective sync's LoRA mode)."""
+        if adapters and self.peft_model is None:
+            fail("adapters", adapters, "expected False: this policy has no LoRA adapters")
+        items = self._adapter_tensors() if adapters else self._rollout_tensors()
+        out = {name: t.to("cpu", torch.float32, copy=True) for name, t in items if t is not None}
         return out if self.rank == 0 else None
+
+    # --- the collective weight sync (rl/weight_sync.py; rl/actors.py drives it) -----------------
+
+    def open_weight_group(self, addr: str) -> int:
+        """Rank 0: listen on this node's `addr` for a new weight group (the last one is dropped) and
+        give the port; the group forms in join_weight_group."""
+        self.leave_weight_group()
+        self._weight_sock = listen(addr)
+        return self._weight_sock.getsockname()[1]
+
+    def join_weight_group(self, size: int, timeout_s: float, prefix: str) -> None:
+        """Rank 0: form the weight group (rank 0 of `size`) with the rollout workers, who join it at the
+        same time; raises after timeout_s if one does not arrive."""
+        sock, self._weight_sock = self._weight_sock, None
+        try:
+            self._weight_group = WeightGroup(sock.getsockname()[0], sock.getsockname()[1], 0, size, self.device,
+                                             timeout_s, prefix, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def leave_weight_group(self) -> None:
+        group, self._weight_group = self._weight_group, None
+        if group is not None:
+            group.close()
+        sock, self._weight_sock = self._weight_sock, None
+        if sock is not None:
+            sock.close()
+
+    def broadcast_weights(self, wire_dtype: str, bucket_mb: float) -> dict | None:
+        """Collective over the learner ranks (ZeRO-3 gathers as state_dict_for_rollout does); rank 0
+        broadcasts to the weight group: with LoRA the adapters only, otherwise the merged full weights.
+        Rank 0 gives {"names", "bytes", "buckets"} of what it sent, the others None. If a send fails
+        (a receiver died), rank 0 still draws every item, so the other ranks' gathers complete, then
+        leaves the group (its peers' receives fail at once) and raises."""
+        items = self._adapter_tensors() if self.peft_model is not None else self._rollout_tensors()
+        group = self._weight_group
+        if self.rank != 0:
+            for _ in items:
+                pass
+            return None
+        try:
+            if group is None:
+                raise RuntimeError("learner rank 0 is in no weight group (join_weight_group first)")
+            stats = group.send(items, getattr(torch, wire_dtype), bucket_mb)
+        except BaseException:
+            for _ in items:
+                pass
+            self.leave_weight_group()
+            raise
+        return {"names": stats.names, "bytes": stats.bytes, "buckets": stats.buckets}
 
     def save(self, path: str | Path) -> None:
         """DeepSpeed checkpoint (weights, optimizer, lr schedule, all ZeRO shards) plus, from rank 0,
@@ -360,7 +403,8 @@ class Learner:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {str(path)!r}")
 
     def close(self) -> None:
-        """Destroy the process group if this learner created it."""
+        """Leave the weight group; destroy the process group if this learner created it."""
+        self.leave_weight_group()
         if self._owns_group and dist.is_initialized():
             dist.barrier()  # no rank tears the group down while a peer is still inside a collective
             # DeepSpeed's own call, so it also drops its cached clone of the world group and a later

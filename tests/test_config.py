@@ -124,6 +124,9 @@ def spoilt(tmp_path_factory):
     ("reward.on_timeout=retry", r"reward.on_timeout='retry': expected one of \['fail', 'zero'\]"),
     ("reward.timeout_s=0", r"reward.timeout_s=0.0: expected a number > 0"),
     ("trainer.skip_warn_steps=0", r"trainer.skip_warn_steps=0: expected an integer >= 1"),
+    ("trainer.weight_sync=nccl", r"trainer.weight_sync='nccl': expected one of \['auto', 'collective', 'object_s"),
+    ("trainer.weight_sync_bucket_mb=0", r"trainer.weight_sync_bucket_mb=0.0: expected a number > 0"),
+    ("trainer.weight_sync_timeout_s=-1", r"trainer.weight_sync_timeout_s=-1.0: expected a number > 0"),
     ("+task.train.chess=5", r"task.train=\{'arithmetic': 5000, 'chess': 5\}: expected a mapping of task names"),
     # A value an option file leaves to the user (???) must not fall back to the schema's default.
     ("model=mmada_8b", r"model.path: a value is required"),

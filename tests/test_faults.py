@@ -137,8 +137,8 @@ def test_a_learner_port_taken_before_rank_0_listens_starts_the_learners_again(lo
     picked = []
     real = rl.actors._rank0_address
 
-    def first_the_taken_port(strategy):
-        picked.append(real(strategy) if picked else ("127.0.0.1", taken.getsockname()[1]))
+    def first_the_taken_port(local, strategy):
+        picked.append(real(local, strategy) if picked else ("127.0.0.1", taken.getsockname()[1]))
         return picked[-1]
 
     monkeypatch.setattr(rl.actors, "_rank0_address", first_the_taken_port)

@@ -1,6 +1,6 @@
 """Two Ray nodes on loopback started with `ray start`, as a user would on two machines, and
 `python -m rl.train ray.address=...` training on them: rollout workers on both nodes, two learner
-ranks under ZeRO-3 over gloo.
+ranks under ZeRO-3 over gloo, weights synced to the rollout workers over the collective group.
 
 The test must leave every other Ray on the machine alone (a user's training may run next to the
 suite): the nodes get their own temp dir, run with `--block` as children of the test in their own
@@ -193,6 +193,8 @@ def test_train_on_a_two_node_cluster_started_with_ray_start(tmp_path):
     placed = dict(re.findall(r"(\w+-\d)@(\w+)", re.search(r"placement: (.*)", log).group(1)))
     assert placed["rollout-0"] != placed["rollout-1"], placed  # one rollout worker on each node
     assert {"learner-0", "learner-1"} <= placed.keys()
+    # The weights crossed nodes over the collective group (ZeRO-3: both ranks gathered, rank 0 sent).
+    assert "weight sync: collective" in log and "through Ray's object store" not in log, log[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["actor/grad_norm"] == r["actor/grad_norm"] and "timing_s/update_weights" in r for r in rows)

@@ -92,7 +92,7 @@ SINGLE_VIEW_ASPECT_RATIOS = (None, "square", "pad")
 # LLaDA-V's language-model switches that change the network: only these values are computed here.
 LM_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0}
 # LoRA's target_modules for the language model's projections (peft matches the regex against whole module
-# names): rl.learner's LORA_TARGETS names LLaDA's blocks; the tower's encoder.layers.N.self_attn.q_proj must stay
+# names): rl.lora's LORA_TARGETS names LLaDA's blocks; the tower's encoder.layers.N.self_attn.q_proj must stay
 # out, which anchoring at model.layers does.
 LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 # Keys from_dict/from_pretrained treat themselves; every other keyword there overrides a config.json value.
