@@ -19,6 +19,7 @@ object is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -38,14 +39,17 @@ def config(recipe: str, overrides: list[str]):
 
 
 def run(cfg, run_dir: Path) -> list[dict]:
-    from rl.driver import Driver
+    # The console's step lines and DeepSpeed's import-time notice go to stderr: stdout is the JSON's.
+    with contextlib.redirect_stdout(sys.stderr):
+        from rl.driver import Driver
+
+        driver = Driver(cfg, run_dir)
+        try:
+            driver.fit()
+        finally:
+            driver.close()
     from rl.tracking import read_metrics
 
-    driver = Driver(cfg, run_dir)
-    try:
-        driver.fit()
-    finally:
-        driver.close()
     return read_metrics(run_dir / "metrics.jsonl")
 
 
@@ -105,7 +109,8 @@ def main(argv=None) -> dict:
     if args.sync_sizes:
         from bench.sync import measure
 
-        result["sync"] = measure(args.sync_sizes, workers=2, repeats=args.sync_repeats)
+        with contextlib.redirect_stdout(sys.stderr):
+            result["sync"] = measure(args.sync_sizes, workers=2, repeats=args.sync_repeats)
     print(json.dumps(result, indent=2))
     return result
 

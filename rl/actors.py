@@ -160,7 +160,14 @@ class Actors:
 
     def _env(self) -> dict:
         threads = str(self.cfg.ray.threads_per_actor)
-        return {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        if self.cfg.trainer.rollout_ahead or self.cfg.rollout.num_workers > 1:
+            # Actors that compute at the same time (rollout and learner at rollout_ahead=1, or several
+            # rollout workers) may share cores; OpenMP threads that spin while they wait then take those
+            # cores from the others (default recipe on 2 cores, 2 threads each, rollout_ahead=1: 13.2 s
+            # per step spinning, 9.2 s passive; docs/BENCHMARKS.md).
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        return {"env_vars": env}
 
     def _make_rollout(self, i: int):
         r = self.cfg.rollout
