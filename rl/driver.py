@@ -121,6 +121,9 @@ class Driver:
             a = self.cfg.algorithm
             batch.advantages = group_advantages(batch.rewards, self.G, a.scale_adv_by_std, baseline=a.adv_baseline)
         start = time.perf_counter()
+        # Set before the update starts: a rollout worker restarted from here on with no live peer takes
+        # the learner's weights, which are this update's once it is done.
+        self.actors.learner_version = self.step
         update = self._pool.submit(self._update_until_done, batch)
         ahead = tr.rollout_ahead and self.step < tr.total_steps and not self._save_step(self.step)
         if ahead:
@@ -214,7 +217,6 @@ class Driver:
     def update(self, batch: RolloutBatch) -> dict:
         """mu inner updates on every learner rank. Never retried: an update that ran must not run twice."""
         seed = self._seed("learner", self.step)
-        self.actors.learner_version = self.step  # the learner's weights once this update is done
         refs = [learner.update.remote(batch, seed) for learner in self.actors.learners]
         return self.actors.on_learners(refs)[0]  # averaged
 

@@ -1,25 +1,26 @@
-"""bench.step end to end on a small configuration: both overlap settings with 2 rollout workers."""
-import json
-
+"""bench.step's summary of a run's metrics (its Ray runs are the Driver's, tested in tests/test_train.py)."""
 import pytest
 
-from bench import step
-from tests.conftest import SMALL
-
-pytestmark = pytest.mark.slow
+from bench.step import summarize
 
 
-def test_bench_step_reports_both_overlap_settings(local_ray, capsys):
-    small = [o for o in SMALL if not o.startswith(("trainer.total_steps", "trainer.val_every", "trainer.save_every"))]
-    out = step.main([*small, "--steps", "4", "--workers", "2", "--sync-sizes"])
-    assert "sync" not in out  # bench.sync has its own test (tests/test_bench_sync.py)
-    assert json.loads(capsys.readouterr().out) == out  # stdout is the JSON alone
-    runs = out["configs"]
-    assert set(runs) == {"workers=2,rollout_ahead=0", "workers=2,rollout_ahead=1"}
-    seq, ahead = runs["workers=2,rollout_ahead=0"], runs["workers=2,rollout_ahead=1"]
-    assert seq["steps_measured"] == ahead["steps_measured"] == 2
-    assert seq["staleness_mean"] == 0.0 and ahead["staleness_mean"] == 1.0
-    assert seq["learner_idle_share"] == pytest.approx(seq["rollout_share"], abs=0.01)  # it waits for every rollout
-    assert 0 < ahead["rollout_share"] <= 1 and ahead["learner_idle_share"] < seq["learner_idle_share"]
-    assert out["speedup"]["workers=2"] == pytest.approx(seq["step_seconds_median"] / ahead["step_seconds_median"],
-                                                        abs=0.01)
+def _step(step, gen, reward, update, total, wait, staleness, ahead=None):
+    m = {"step": step, "timing_s/gen": gen, "timing_s/reward": reward, "timing_s/update_actor": update,
+         "timing_s/update_weights": 0.1, "timing_s/step": total, "timing_s/wait_rollout": wait,
+         "rollout/staleness": staleness, "reward/mean": 1.0}
+    if ahead is not None:
+        m["timing_s/rollout_ahead"] = ahead
+    return m
+
+
+def test_summary_leaves_out_the_first_and_last_steps_and_reads_the_overlapped_rollout():
+    sequential = [{"step": 0}] + [_step(k, 2.0, 1.0, 6.0, 9.0, 3.0, 0.0) for k in (1, 2, 3, 4)]
+    s = summarize([m for m in sequential if "timing_s/step" in m])
+    assert s["steps_measured"] == 2 and s["rollout_share"] == pytest.approx(3 / 9, abs=1e-3)
+    assert s["learner_idle_share"] == s["rollout_share"] and s["staleness_mean"] == 0.0
+    # At rollout_ahead=1 the rollout inside a step is the next step's, generated during the update.
+    ahead = [_step(1, 2.0, 1.0, 6.0, 9.0, 3.0, 0.0, ahead=4.0)] + \
+        [_step(k, 2.0, 1.0, 6.0, 6.1, 0.0, 1.0, ahead=4.0) for k in (2, 3)] + [_step(4, 2.0, 1.0, 6.0, 6.1, 0.0, 1.0)]
+    a = summarize(ahead)
+    assert a["steps_measured"] == 2 and a["step_seconds_median"] == 6.1
+    assert a["rollout_seconds_median"] == 4.0 and a["learner_idle_share"] == 0.0 and a["staleness_mean"] == 1.0

@@ -155,36 +155,3 @@ def test_a_learner_port_taken_before_rank_0_listens_starts_the_learners_again(lo
     # Two starts of the learners, then the address of the weight group's store.
     assert len(picked) == 3 and "was taken before it could listen" in caplog.text
 
-
-@pytest.mark.slow
-def test_a_rollout_worker_killed_during_an_overlapped_rollout_writes_the_same_batch(local_ray, tmp_path, caplog):
-    """rollout_ahead=1 with 2 rollout workers: rollout-0 dies while the learner updates on step 1 and
-    the next batch is being generated; its replacement holds the weights its peer holds (the
-    pre-update ones), so the run ends exactly as the run without the fault."""
-    overrides = (*FAST, "trainer.total_steps=3", "trainer.rollout_ahead=1", "rollout.num_workers=2")
-
-    def run(name, fault):
-        driver = Driver(compose_cfg(*overrides), tmp_path / name)
-        if fault:
-            original, calls = driver._rollout, []
-
-            def hooked(rows, step):
-                calls.append(step)
-                if len(calls) == 2:  # the first rollout generated ahead, during step 1's update
-                    kill(driver.actors.rollout[0])
-                return original(rows, step)
-
-            driver._rollout = hooked
-        try:
-            driver.fit()
-        finally:
-            driver.close()
-        return [{k: v for k, v in m.items() if not k.startswith(("timing_s/", "perf/"))}
-                for m in read_metrics(tmp_path / name / "metrics.jsonl")]
-
-    clean = run("clean", False)
-    with caplog.at_level(logging.WARNING, logger="dllm_rl"):
-        faulted = run("faulted", True)
-    assert caplog.text.count("restarted rollout-0") == 1
-    assert [m["rollout/staleness"] for m in faulted] == [0.0, 1.0, 1.0]
-    assert faulted == clean

@@ -188,11 +188,13 @@ def test_a_streak_of_skipped_optimizer_steps_and_a_step_without_spread_are_warne
 
 
 @pytest.mark.slow
-def test_rollout_ahead_overlaps_one_stale_step_and_resumes_exactly(local_ray, tmp_path):
-    """rollout_ahead=1: a step after an overlapped one trains on answers one update stale (and the
-    learner did not wait for them); a checkpointed step generates nothing ahead, so resuming from it regenerates the
-    next batch from the saved weights exactly as the uninterrupted run did (same metrics, same weights)."""
-    ahead = ("trainer.total_steps=4", "trainer.save_every=2", "trainer.rollout_ahead=1")
+def test_rollout_ahead_overlaps_one_stale_step_and_resumes_exactly(local_ray, tmp_path, caplog):
+    """rollout_ahead=1 with 2 rollout workers: a step after an overlapped one trains on answers one
+    update stale (and the learner did not wait for them); a checkpointed step generates nothing ahead,
+    so resuming from it regenerates the next batch from the saved weights exactly as the uninterrupted
+    run did (same metrics, same weights), even when a rollout worker is SIGKILLed during the resumed
+    run's overlapped rollout (its replacement takes its peer's pre-update weights)."""
+    ahead = ("trainer.total_steps=4", "trainer.save_every=2", "trainer.rollout_ahead=1", "rollout.num_workers=2")
     straight = run(tmp_path, *ahead, name="a")
     assert [m["rollout/staleness"] for m in straight[1:]] == [0.0, 1.0, 0.0, 1.0]
     assert [m["timing_s/wait_rollout"] > 0 for m in straight[1:]] == [True, False, True, False]
@@ -202,7 +204,24 @@ def test_rollout_ahead_overlaps_one_stale_step_and_resumes_exactly(local_ray, tm
         return [{k: v for k, v in m.items() if not k.startswith(TIMING)} for m in ms]
 
     step2 = tmp_path / "a" / "checkpoints" / "global_step_2"
-    resumed = run(tmp_path, *ahead, f"trainer.resume={step2}", name="b")
+    driver = Driver(compose_cfg(*ahead, f"trainer.resume={step2}"), tmp_path / "b")
+    original, calls = driver._rollout, []
+
+    def killed_during_the_overlap(rows, step):
+        calls.append(step)
+        if len(calls) == 2:  # step 4's batch, generated during step 3's update
+            pid = ray.get(driver.actors.rollout[0].__ray_call__.remote(lambda self: os.getpid()))
+            os.kill(pid, 9)
+        return original(rows, step)
+
+    driver._rollout = killed_during_the_overlap
+    try:
+        with caplog.at_level(logging.WARNING, logger="dllm_rl"):
+            driver.fit()
+    finally:
+        driver.close()
+    assert calls == [3, 4] and caplog.text.count("restarted rollout-0") == 1
+    resumed = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [m["step"] for m in resumed] == [3, 4]
     assert stable(straight)[3:] == stable(resumed)
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
