@@ -100,9 +100,11 @@ def one_more_step(driver) -> None:
     driver.fit()
 
 
-def held(worker, what="self.model.state_dict()"):
+def held(worker, attribute: str | None = None):
+    """(the worker's weights, or its `attribute`; its version)."""
     import ray
-    return ray.get(worker.__ray_call__.remote(lambda self: (eval(what), self.version)))  # noqa: S307 (test code)
+    return ray.get(worker.__ray_call__.remote(
+        lambda self: (self.model.state_dict() if attribute is None else getattr(self, attribute), self.version)))
 
 
 def same(a: dict, b: dict) -> bool:
@@ -226,7 +228,7 @@ def test_lora_sends_the_adapters_only_and_the_rollout_runs_them_unmerged(local_r
         assert metrics["sync/bytes"] == sum(v.numel() * 4 for v in adapters.values())
         assert metrics["sync/bytes"] < sum(v.numel() * 4 for v in full.values()) / 10
         worker = actors.rollout[0]
-        (weights, version), names = held(worker), held(worker, "self.adapter_names")[0]
+        (weights, version), names = held(worker), held(worker, "adapter_names")[0]
         assert sorted(names) == sorted(adapters) and version == 1
         assert all(torch.equal(weights[k], v) for k, v in adapters.items())
 
