@@ -15,8 +15,10 @@ object_store_s and collective_s (medians), every run's seconds, and speedup (obj
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -100,7 +102,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.workers < 1 or args.repeats < 1:
         ap.error("--workers and --repeats: expected integers >= 1")
-    out = measure(args.sizes, args.workers, args.repeats)
+    # DeepSpeed's import-time notice (the learner's) goes to stderr: stdout is the JSON's.
+    with contextlib.redirect_stdout(sys.stderr):
+        out = measure(args.sizes, args.workers, args.repeats)
     print(json.dumps(out, indent=1))
     return out
 
