@@ -5,6 +5,7 @@ rewards.registry for the contract. No Ray here: a Ray reward actor wraps `Weight
 """
 from rewards.combine import PRESETS, RewardSpec, WeightedReward, check_reward_config, preset
 from rewards.countdown import CountdownReward, countdown_score, evaluate_equation
+from rewards.exact import ExactReward, exact_score
 from rewards.format import FormatReward, format_score
 from rewards.math_reward import MathReward, extract_answer, normalize_answer, sanitize_answer, verify_answer
 from rewards.registry import (
@@ -24,6 +25,7 @@ from rewards.sudoku import SudokuReward, extract_grid, sudoku_score
 __all__ = [
     "PRESETS", "RewardSpec", "WeightedReward", "check_reward_config", "preset",
     "CountdownReward", "countdown_score", "evaluate_equation",
+    "ExactReward", "exact_score",
     "FormatReward", "format_score",
     "MathReward", "extract_answer", "normalize_answer", "sanitize_answer", "verify_answer",
     "Reward", "RewardResult", "RewardValueError", "available_rewards", "build_reward", "check_reward", "component_key",

@@ -60,6 +60,7 @@ from typing import Any
 from rewards._common import check_batch
 from rewards.clip import ClipReward
 from rewards.countdown import CountdownReward
+from rewards.exact import ExactReward
 from rewards.format import FormatReward
 from rewards.math_reward import MathReward
 from rewards.sudoku import SudokuReward
@@ -79,6 +80,7 @@ _REGISTRY: dict[str, Callable[..., Callable]] = {
     "math": MathReward,
     "format": FormatReward,
     "countdown": CountdownReward,
+    "exact": ExactReward,
     "sudoku": SudokuReward,
     "clip": ClipReward,
 }

@@ -150,3 +150,40 @@ def test_countdown_reward_rejects_bad_columns():
         reward(None, one, ground_truth=["12"])
     with pytest.raises(ValueError, match="format_score must be a finite number"):
         CountdownReward(format_score=float("nan"))
+
+
+# ---- exact ------------------------------------------------------------------------------------------
+
+
+def test_exact_reward_matches_the_answer_tag_as_text():
+    from rewards import ExactReward, build_reward
+
+    r = build_reward("exact")
+    assert isinstance(r.fn, ExactReward)
+    comps = ["<answer>101 102 103</answer>", "<answer>\n101  102\n103 </answer>", "<answer>101 102</answer>",
+             "101 102 103", "<answer>101 102 103</answer><answer>9</answer>", "<answer>101 102 104</answer>"]
+    assert r(None, comps, answer=["101 102 103"] * 6) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert r(None, ["<answer>7</answer>"], ground_truth=[7]) == [1.0]
+    assert ExactReward(answer_tag="list")(None, ["<list>a b</list>"], answer=["a b"]) == [1.0]
+    with pytest.raises(ValueError, match=r"reward 'exact': ground truth \[1\] must be a non-empty string"):
+        r(None, ["x", "y"], answer=["1", None])
+    with pytest.raises(ValueError, match="needs column 'ground_truth' or 'answer'"):
+        r(None, ["x"], target=["1"])
+    with pytest.raises(ValueError, match="answer_tag must be a tag name"):
+        ExactReward(answer_tag="<a>")
+    # prefix: the ground truth's words first, whatever follows; a longer last number is no match
+    prefix = ExactReward(prefix=True)
+    assert prefix(None, ["<answer>101 102 103 104</answer>", "<answer>101 102 1034</answer>",
+                         "<answer>101 102</answer>", "<answer>101 102 103</answer>"],
+                  answer=["101 102 103"] * 4) == [1.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="prefix must be true or false"):
+        ExactReward(prefix="yes")
+
+
+def test_exact_reward_is_linear_on_megabyte_inputs():
+    from rewards import ExactReward
+
+    text = "<answer>" + "1 " * 500_000 + "</answer>" + "<answer>" * 100_000
+    t0 = time.perf_counter()
+    assert ExactReward()(None, [text], answer=["1 " * 500_000]) == [1.0]
+    assert time.perf_counter() - t0 < 2.0
