@@ -20,14 +20,24 @@ from rl.evaluate import pass_at_k
 from rl.models import TINY_CHECKPOINT, load_checkpoint
 from rollout.sampler import SamplerConfig
 
-# Countdown answers are longer (an equation plus two steps of working).
-GEN_LENGTH = {"arithmetic": 32, "countdown": 48}
+# Countdown answers are longer (an equation plus two steps of working); long-task rows are sized to
+# fill 75-90 % of the length they are made for (rl/data/tasks.py).
+GEN_LENGTH = {"arithmetic": 32, "countdown": 48, "long": 256}
+# The reward that scores each task, its options and the row columns it reads. A long-task answer is
+# right when its chain of numbers from a to b is (rewards/exact.py: the stop is not scored).
+REWARDS = {"arithmetic": ("math", {}, ("answer",)), "countdown": ("countdown", {}, ("numbers", "target")),
+           "long": ("exact", {"prefix": True}, ("answer",))}
+
+
+def task_rows(task: str, n: int, seed: int, length: int) -> list[dict]:
+    """Held-out rows; a long-task row is made for its answer length."""
+    return make_rows(task, n, seed, "test", **({"length": length} if task == "long" else {}))
 
 
 def scorer(task: str):
     """(reward, score) where score passes the task's columns; a Countdown format credit (0.1) is no success."""
-    reward = build_reward("math" if task == "arithmetic" else "countdown")
-    keys = ("answer",) if task == "arithmetic" else ("numbers", "target")
+    name, kwargs, keys = REWARDS[task]
+    reward = build_reward(name, kwargs)
 
     def score(completions, rows):
         return reward([r["prompt"] for r in rows], completions, **{k: [r[k] for r in rows] for k in keys})
@@ -38,7 +48,7 @@ def scorer(task: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(TINY_CHECKPOINT))
-    ap.add_argument("--tasks", nargs="+", default=list(GEN_LENGTH), choices=list(GEN_LENGTH))
+    ap.add_argument("--tasks", nargs="+", default=["arithmetic", "countdown"], choices=list(GEN_LENGTH))
     ap.add_argument("--n", type=int, default=256, help="held-out prompts per task")
     ap.add_argument("--k", type=int, default=8, help="samples per prompt")
     ap.add_argument("--temperature", type=float, default=0.9)
@@ -52,9 +62,9 @@ def main(argv=None):
     result = {"checkpoint": args.checkpoint, "k": args.k, "temperature": args.temperature}
     for task in args.tasks:
         reward, score = scorer(task)
-        rows = make_rows(task, args.n, args.seed, "test")
         try:
             for L in args.lengths or [GEN_LENGTH[task]]:
+                rows = task_rows(task, args.n, args.seed, L)
                 sampler = SamplerConfig(gen_length=L, block_length=16, steps=L // 2, temperature=args.temperature)
                 t0 = time.time()
                 res = pass_at_k(model, tok, rows, args.k, sampler, score, batch_size=128, seed=args.seed)

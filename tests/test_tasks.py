@@ -71,3 +71,27 @@ def test_message_list_prompts_are_checked():
         validate_rows([{"prompt": [*chat, {"role": "assistant", "content": "2"}], "answer": "2"}], "x")
     with pytest.raises(ValueError, match="image rows take a string"):
         validate_rows([{"prompt": chat, "answer": "2", "mode": "t2i", "scene": []}], "x")
+
+
+def test_long_rows_count_every_step_and_fill_the_length_they_are_made_for():
+    from rl.data.tasks import long_count_range
+    from rl.models import TINY_CHECKPOINT
+    from rl.models.tokenizer import EOT
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_CHECKPOINT)
+    for L in (64, 256, 512):
+        rows = make_rows("long", 100, seed=0, split="test", length=L)
+        for r in rows:
+            a, b = (int(w.rstrip(".")) for w in r["prompt"].split()[2::2])
+            assert r["answer"] == " ".join(str(x) for x in range(a, b + 1)) and 100 <= a < b <= 999
+            assert a // 100 == b // 100  # no carry into the hundreds
+            assert r["solution"] == f"<answer>{r['answer']}</answer>"
+            used = len(tok(r["solution"] + EOT, add_special_tokens=False)["input_ids"])
+            assert 0.75 * L <= used <= 0.9 * L, (L, used)
+    free = make_rows("long", 200, seed=0)
+    assert len({len(r["answer"].split()) for r in free}) > 50  # training rows of every count
+    with pytest.raises(ValueError, match="task 'long': length 2048"):
+        long_count_range(2048)
+    with pytest.raises(ValueError, match=r"task 'arithmetic' takes no option \['length'\]"):
+        make_rows("arithmetic", 2, length=64)

@@ -2,10 +2,13 @@
 
 A task row is a dict with at least `prompt` (user message), `answer` (ground truth checked by a
 reward) and `task` (its name); `solution` is a reference completion used for SFT. Countdown rows
-also carry `numbers` and `target`.
+also carry `numbers` and `target`. Long-task rows ("Count from a to b.") answer with every number
+from a to b, scored by exact match (reward `exact`).
 """
 from __future__ import annotations
 
+import inspect
+import math
 import random
 
 from rl.data import shapes, sudoku
@@ -80,21 +83,61 @@ def _countdown(rng: random.Random) -> dict:
                 "solution": f"<think>{steps}</think><answer>{eq}</answer>"}
 
 
+# Tokens of a long-task answer besides its numbers: "<answer>" and "</answer>" (3 tokens each with the
+# tiny tokenizer) and the end-of-turn token; every digit and space is one token (single-digit
+# pre-tokenizer), so n numbers of 3 digits take 4n - 1.
+LONG_OVERHEAD = 7
+LONG_MAX_COUNT = 120
+
+
+def long_count_range(length: int, fill: tuple[float, float] = (0.75, 0.9)) -> tuple[int, int]:
+    """How many numbers make a long-task answer fill `fill` of `length` answer tokens."""
+    lo = math.ceil((fill[0] * length - LONG_OVERHEAD + 1) / 4)
+    hi = math.floor((fill[1] * length - LONG_OVERHEAD + 1) / 4)
+    if not 2 <= lo <= hi <= LONG_MAX_COUNT:
+        raise ValueError(f"task 'long': length {length} gives {lo}..{hi} numbers per answer; "
+                         f"lengths from 32 to {int((4 * LONG_MAX_COUNT + LONG_OVERHEAD) / fill[1])} fit")
+    return lo, hi
+
+
+def _long(rng: random.Random, length: int | None = None) -> dict:
+    # Count from a to b, every number written out: a chain of steps, each one derived from the last,
+    # whose length the prompt sets. With `length`, the answer fills 75-90 % of that many tokens, as
+    # a real GSM8K answer fills most of its 256 (bench/rollout.py --task long), so early stop cannot
+    # skip what the answer really uses; its numbers then stay within one hundred (at most 100 of them,
+    # 75-79 % of 512), since the tiny long-answer model misses carries into the hundreds digit.
+    if length:
+        lo, hi = long_count_range(length)
+        n = rng.randint(lo, min(hi, 100))
+        a = 100 * rng.randint(1, 9) + rng.randint(0, 100 - n)
+    else:
+        n = rng.randint(2, LONG_MAX_COUNT)
+        a = rng.randint(100, 1000 - n)  # always 3 digits, so every step is 4 tokens
+    chain = " ".join(str(x) for x in range(a, a + n))
+    return {"prompt": f"Count from {a} to {a + n - 1}.", "answer": chain, "solution": f"<answer>{chain}</answer>"}
+
+
 # Multimodal (rl/data/shapes.py): "t2i" draws the captioned scene, "shapes_qa" answers a counting
 # question about a scene shown as image codes.
-GENERATORS = {"arithmetic": _arithmetic, "countdown": _countdown, "sudoku": sudoku.generate,
+GENERATORS = {"arithmetic": _arithmetic, "countdown": _countdown, "long": _long, "sudoku": sudoku.generate,
               "t2i": shapes.t2i_row, "shapes_qa": shapes.reasoning_row}
 # Split seeds are far apart so train and held-out rows come from disjoint random streams.
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
-def make_rows(task: str, n: int, seed: int = 0, split: str = "train") -> list[dict]:
+def make_rows(task: str, n: int, seed: int = 0, split: str = "train", **options) -> list[dict]:
+    """`options` go to the task's generator (`length` for task 'long')."""
     if task not in GENERATORS:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(GENERATORS)}")
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_OFFSETS)}")
     rng = random.Random(seed * 7919 + SPLIT_OFFSETS[split] + hash_task(task))
-    return [{**GENERATORS[task](rng), "task": task} for _ in range(n)]
+    generate = GENERATORS[task]
+    if options:
+        unknown = set(options) - set(inspect.signature(generate).parameters)
+        if unknown:
+            raise ValueError(f"task {task!r} takes no option {sorted(unknown)}")
+    return [{**generate(rng, **options), "task": task} for _ in range(n)]
 
 
 def hash_task(task: str) -> int:

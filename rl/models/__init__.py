@@ -25,6 +25,8 @@ AutoModel.register(LLaDAVConfig, LLaDAVModelLM, exist_ok=True)
 AutoModelForCausalLM.register(LLaDAVConfig, LLaDAVModelLM, exist_ok=True)
 
 TINY_CHECKPOINT = Path(__file__).resolve().parents[2] / "recipes" / "assets" / "tiny-llada"
+# The tiny model fine-tuned to write long answers (recipes/build_tiny_llada_long.py, task 'long').
+TINY_LONG_CHECKPOINT = TINY_CHECKPOINT.with_name("tiny-llada-long")
 
 
 def resolve_model_dir(path: str | Path) -> Path:
