@@ -4,10 +4,10 @@ import random
 
 import torch
 
-from recipes import build_tiny_llada
+from recipes import build_tiny_llada, build_tiny_llada_long
 from rl.data.tasks import make_rows
 from rl.evaluate import pass_at_k
-from rl.models import TINY_CHECKPOINT, load_checkpoint
+from rl.models import TINY_CHECKPOINT, TINY_LONG_CHECKPOINT, load_checkpoint
 from rollout.sampler import SamplerConfig
 
 
@@ -18,6 +18,19 @@ def test_shipped_checkpoint_loads_and_is_small():
     assert model.config.mask_token_id == tok.mask_token_id and tok.padding_side == "left"
     info = json.loads((TINY_CHECKPOINT / "build_info.json").read_text())
     assert info["recipe"] == "python -m recipes.build_tiny_llada" and info["selection_history"]
+
+
+def test_shipped_long_answer_checkpoint_and_its_recipe(tmp_path):
+    model, tok = load_checkpoint(TINY_LONG_CHECKPOINT)
+    assert tok.get_vocab() == load_checkpoint(TINY_CHECKPOINT)[1].get_vocab()  # fine-tuned, same tokenizer
+    info = json.loads((TINY_LONG_CHECKPOINT / "build_info.json").read_text())
+    assert info["recipe"] == "python -m recipes.build_tiny_llada_long" and info["selection_history"]
+    build_tiny_llada_long.main(["--out", str(tmp_path / "long"), "--max-steps", "2", "--eval-every", "1",
+                                "--eval-rows", "2", "--eval-length", "64", "--threads", "1", "--train-rows", "2000"])
+    info = json.loads((tmp_path / "long" / "build_info.json").read_text())
+    assert info["steps"] == 2 and [h["step"] for h in info["selection_history"]] == [1, 2]
+    assert {"accuracy", "numbers_right", "tokens_per_step"} <= set(info["selection_history"][-1])
+    assert load_checkpoint(tmp_path / "long")[0].config.n_layers == model.config.n_layers
 
 
 def test_pass_at_k_counts_per_prompt_successes():
