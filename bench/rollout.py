@@ -1,10 +1,17 @@
 """Reference vs fast text sampler on the same model, prompts and seeds, in one run.
 
     python -m bench.rollout [--lengths 128 256 512] [--prompts 256] [--runs 3] [--timing-prompts 8]
+    python -m bench.rollout --task long --lengths 256 512 --prompts 64 --runs 4 --timing-prompts 16 --no-baselines
 
 Per answer length L, the reference runs at Fast-dLLM's baseline (one token per step, block 32) and
 at d1's rollout setting (steps = L/2); the fast sampler runs with every technique on, then with
-each alone (dual cache only, threshold only, early stop only). Timing: `runs` batches of
+each alone (dual cache only, threshold only, early stop only) and with cache and threshold but no
+early stop (`cache_and_threshold`, whose speedup is `speedup_without_early_stop`). Task `long`
+(rl/data/tasks.py) makes its prompts for each L, with answers that fill 75-90 % of it, on the
+long-answer tiny checkpoint (recipes/build_tiny_llada_long.py): there early stop has almost nothing
+to skip. Each fast entry carries `early_stop`, `speedup`, `ref_accuracy` and `fast_accuracy`, the
+latter two on the timed rows; with --prompts equal to --runs x --timing-prompts every prompt is
+timed, those are the accuracies over all prompts and no separate accuracy pass runs. Timing: `runs` batches of
 `timing-prompts` held-out prompts, every sampler on the same batch in turn, so background load hits
 them alike; medians over the runs. Accuracy: the fast sampler on all `prompts` held-out prompts.
 The reference's accuracy on all of them comes from its exact path (no cache, the same fixed schedule,
@@ -31,19 +38,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recipes.eval_tiny import scorer
+from recipes.eval_tiny import scorer, task_rows
 from rl.data.encode import decode_answers, encode_prompts
-from rl.data.tasks import make_rows
-from rl.models import TINY_CHECKPOINT, load_checkpoint
+from rl.models import TINY_CHECKPOINT, TINY_LONG_CHECKPOINT, load_checkpoint
 from rl.models.tokenizer import end_token_ids
 from rollout.fast import FastSamplerConfig
 from rollout.rollout import sample
 from rollout.sampler import SamplerConfig, answer_mask, transfer_schedule
 
+# Each technique alone, and cache with threshold without early stop: the speedup that stays where
+# answers fill the length (--task long).
 ALONE = {
     "cache_only": dict(cache="dual", threshold=None, early_stop=False, share_prompt=False),
     "threshold_only": dict(cache="none", early_stop=False, share_prompt=False),
     "early_stop_only": dict(cache="none", threshold=None, share_prompt=False),
+    "cache_and_threshold": dict(early_stop=False, share_prompt=False),
 }
 
 
@@ -96,8 +105,9 @@ def timed(fn):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=str(TINY_CHECKPOINT))
-    ap.add_argument("--task", default="arithmetic", choices=["arithmetic", "countdown"])
+    ap.add_argument("--checkpoint", default=None,
+                    help="default: the shipped tiny model; for --task long its long-answer variant")
+    ap.add_argument("--task", default="arithmetic", choices=["arithmetic", "countdown", "long"])
     ap.add_argument("--lengths", nargs="+", type=int, default=[128, 256, 512])
     ap.add_argument("--prompts", type=int, default=256, help="held-out prompts for accuracy")
     ap.add_argument("--runs", type=int, default=3, help="timed batches (medians over them)")
@@ -107,61 +117,76 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--cache", default="dual", choices=["none", "prefix", "dual"])
     ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time LLaDA's published loop and d1's setting (L/2 steps) against the reference")
+    ap.add_argument("--skip", nargs="+", default=[], choices=list(ALONE),
+                    help="fast settings not to time (early_stop_only costs the reference's time on long answers)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    if "cache_and_threshold" in args.skip:
+        ap.error("--skip cache_and_threshold: it gives speedup_without_early_stop, every run reports it")
     if args.runs * args.timing_prompts > args.prompts:
         ap.error(f"--runs x --timing-prompts = {args.runs * args.timing_prompts} exceeds --prompts={args.prompts}")
+    if args.checkpoint is None:
+        args.checkpoint = str(TINY_LONG_CHECKPOINT if args.task == "long" else TINY_CHECKPOINT)
+    # Every prompt timed: each sampler's accuracy is that of its timed answers, no extra pass.
+    all_timed = args.runs * args.timing_prompts == args.prompts
     torch.set_num_threads(args.threads)
     model, tok = load_checkpoint(args.checkpoint)
     model.eval()
     mask_id, ends = tok.mask_token_id, end_token_ids(tok)
-    rows = make_rows(args.task, args.prompts, args.seed, "test")
-    ids, mask = encode_prompts(tok, [r["prompt"] for r in rows])
     reward, score = scorer(args.task)
 
     def accuracy(texts, subset):
         return sum(score(texts, subset)) / len(subset)
-
-    def run(cfg, lo, hi):
-        gen = torch.Generator().manual_seed(args.seed + lo)
-        return sample(model, tok, ids[lo:hi], mask[lo:hi], cfg, gen)
 
     result = {"checkpoint": args.checkpoint, "task": args.task, "prompts": args.prompts, "runs": args.runs,
               "timing_prompts": args.timing_prompts, "temperature": args.temperature, "threads": args.threads,
               "block_length": args.block_length, "lengths": {}}
     try:
         for L in args.lengths:
+            rows = task_rows(args.task, args.prompts, args.seed, L)
+            ids, mask = encode_prompts(tok, [r["prompt"] for r in rows])
+
+            def run(cfg, lo, hi):
+                gen = torch.Generator().manual_seed(args.seed + lo)
+                return sample(model, tok, ids[lo:hi], mask[lo:hi], cfg, gen)
+
             base = dict(gen_length=L, block_length=args.block_length, temperature=args.temperature)
             samplers = {
                 "ref": SamplerConfig(**base, steps=L),
-                "ref_d1": SamplerConfig(**base, steps=L // 2),
+                **({"ref_d1": SamplerConfig(**base, steps=L // 2)} if args.baselines else {}),
                 "fast": FastSamplerConfig(**base, steps=L, cache=args.cache, threshold=args.threshold),
                 **{k: FastSamplerConfig(**{**base, "steps": L, "cache": args.cache, "threshold": args.threshold, **v})
-                   for k, v in ALONE.items()},
+                   for k, v in ALONE.items() if k not in args.skip},
             }
             N = args.timing_prompts
             seconds = {k: [] for k in samplers}
             stats = {k: {"forward_passes": [], "row_tokens": [], "tokens_per_step": []} for k in samplers}
-            texts = {k: [] for k in samplers}
+            answers = {k: [] for k in samplers}
             published = []
             run(samplers["ref"], 0, 1)  # warm-up, so the first timed call pays no one-off costs
             for r in range(args.runs):
                 lo, hi = r * N, (r + 1) * N
-                torch.manual_seed(args.seed)
-                _, s = timed(lambda: llada_published_generate(
-                    model, ids[lo:hi], mask[lo:hi], L, L, args.block_length, args.temperature, mask_id))
-                published.append(s)
+                if args.baselines:
+                    torch.manual_seed(args.seed)
+                    _, s = timed(lambda: llada_published_generate(
+                        model, ids[lo:hi], mask[lo:hi], L, L, args.block_length, args.temperature, mask_id))
+                    published.append(s)
                 for name, cfg in samplers.items():
                     out, s = timed(lambda: run(cfg, lo, hi))
                     seconds[name].append(s)
                     stats[name]["forward_passes"].append(out.forward_passes)
                     stats[name]["row_tokens"].append(out.row_tokens)
                     stats[name]["tokens_per_step"].append(float(out.tokens_per_step.mean()))
-                    texts[name] += decode_answers(tok, out.answer_ids, ends)
+                    answers[name].append(out.answer_ids)
+            answers = {k: torch.cat(v) for k, v in answers.items()}
+            texts = {k: decode_answers(tok, v, ends) for k, v in answers.items()}
             timed_rows = rows[:args.runs * N]
             entry = {"timed_rows": len(timed_rows)}
-            for name in samplers:
+            ref_timed_accuracy = round(accuracy(texts["ref"], timed_rows), 4)
+            for name, cfg in samplers.items():
                 med = statistics.median(seconds[name])
                 entry[name] = {
                     "seconds_median": round(med, 3),
@@ -174,9 +199,15 @@ def main(argv=None):
                 if name != "ref":
                     entry[name]["speedup"] = round(statistics.median(
                         [a / b for a, b in zip(seconds["ref"], seconds[name])]), 2)
-            entry["published_llada_seconds_median"] = round(statistics.median(published), 3)
-            # < 1: the reference sampler is faster than LLaDA's published loop on the same rows
-            entry["ref_vs_published"] = round(statistics.median([a / b for a, b in zip(seconds["ref"], published)]), 3)
+                if isinstance(cfg, FastSamplerConfig):
+                    # The same timed rows: accuracies over every prompt when all of them are timed.
+                    entry[name].update(early_stop=cfg.early_stop, ref_accuracy=ref_timed_accuracy,
+                                       fast_accuracy=entry[name]["timed_accuracy"])
+            if args.baselines:
+                entry["published_llada_seconds_median"] = round(statistics.median(published), 3)
+                # < 1: the reference sampler is faster than LLaDA's published loop on the same rows
+                entry["ref_vs_published"] = round(
+                    statistics.median([a / b for a, b in zip(seconds["ref"], published)]), 3)
 
             # Accuracy on every held-out prompt.
             def full_pass(cfg):
@@ -184,21 +215,27 @@ def main(argv=None):
                         for lo in range(0, args.prompts, args.batch)]
                 return torch.cat(outs)
 
-            fast_ids, fast_s = timed(lambda: full_pass(samplers["fast"]))
-            fast_texts = decode_answers(tok, fast_ids, ends)
-            if args.temperature == 0:
-                exact = FastSamplerConfig(**base, steps=L, cache="none", threshold=None, early_stop=True,
-                                          share_prompt=True)
-                ref_ids, ref_s = timed(lambda: full_pass(exact))
-                ref_method = "exact path: no cache, 1 token/step, early stop (identical answers at temperature 0)"
+            if all_timed:
+                fast_ids, fast_s = answers["fast"], sum(seconds["fast"])
+                ref_ids, ref_s = answers["ref"], sum(seconds["ref"])
+                ref_method = "reference sampler (every prompt timed)"
             else:
-                ref_ids, ref_s = timed(lambda: full_pass(samplers["ref"]))
-                ref_method = "reference sampler"
-            ref_texts = decode_answers(tok, ref_ids, ends)
+                fast_ids, fast_s = timed(lambda: full_pass(samplers["fast"]))
+                if args.temperature == 0:
+                    exact = FastSamplerConfig(**base, steps=L, cache="none", threshold=None, early_stop=True,
+                                              share_prompt=True)
+                    ref_ids, ref_s = timed(lambda: full_pass(exact))
+                    ref_method = "exact path: no cache, 1 token/step, early stop (identical answers at temperature 0)"
+                else:
+                    ref_ids, ref_s = timed(lambda: full_pass(samplers["ref"]))
+                    ref_method = "reference sampler"
+            fast_texts, ref_texts = decode_answers(tok, fast_ids, ends), decode_answers(tok, ref_ids, ends)
             entry.update({
                 "ref_tokens_per_s": entry["ref"]["tokens_per_s"],
                 "fast_tokens_per_s": entry["fast"]["tokens_per_s"],
                 "speedup": entry["fast"]["speedup"],
+                # The headline where answers fill the length: cache and threshold, no early stop.
+                "speedup_without_early_stop": entry["cache_and_threshold"]["speedup"],
                 "ref_accuracy": round(accuracy(ref_texts, rows), 4),
                 "fast_accuracy": round(accuracy(fast_texts, rows), 4),
                 "ref_accuracy_method": ref_method,
@@ -208,8 +245,11 @@ def main(argv=None):
                 "answer_lengths": {"ref": answer_lengths(ref_ids, ends), "fast": answer_lengths(fast_ids, ends)},
             })
             result["lengths"][str(L)] = entry
-            print(json.dumps({"length": L, "speedup": entry["speedup"], "ref_accuracy": entry["ref_accuracy"],
-                              "fast_accuracy": entry["fast_accuracy"]}), flush=True, file=sys.stderr)
+            print(json.dumps({"length": L, "speedup": entry["speedup"],
+                              "speedup_without_early_stop": entry["speedup_without_early_stop"],
+                              "ref_accuracy": entry["ref_accuracy"], "fast_accuracy": entry["fast_accuracy"],
+                              "no_early_stop_accuracy": entry["cache_and_threshold"]["fast_accuracy"]}),
+                  flush=True, file=sys.stderr)
     finally:
         reward.close()
     print(json.dumps(result, indent=2))
