@@ -12,7 +12,8 @@ checkpoint is two runs:
 
     python -m recipes.build_tiny_llada_long --out /tmp/long-stage1 --min-fill 0.25 --max-steps 6000 --stop-at 2500 \
         --eval-every 500
-    python -m recipes.build_tiny_llada_long --init /tmp/long-stage1 --max-steps 3000 --stop-at 2000 --lr 1e-3 --warmup 50
+    python -m recipes.build_tiny_llada_long --init /tmp/long-stage1 --max-steps 3000 --stop-at 2000 --lr 1e-3 \
+        --warmup 50
 
 the first learns to count (97 % of the numbers right at step 2500) but ends its answers where answers
 of that length usually end; the second makes the numbers right (100 % at step 2000). Neither learns

@@ -74,10 +74,11 @@ def test_message_list_prompts_are_checked():
 
 
 def test_long_rows_count_every_step_and_fill_the_length_they_are_made_for():
+    from transformers import AutoTokenizer
+
     from rl.data.tasks import long_count_range
     from rl.models import TINY_CHECKPOINT
     from rl.models.tokenizer import EOT
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TINY_CHECKPOINT)
     for L in (64, 256, 512):

@@ -3,7 +3,7 @@
 A task row is a dict with at least `prompt` (user message), `answer` (ground truth checked by a
 reward) and `task` (its name); `solution` is a reference completion used for SFT. Countdown rows
 also carry `numbers` and `target`. Long-task rows ("Count from a to b.") answer with every number
-from a to b, scored by exact match (reward `exact`).
+from a to b, scored on that chain (reward `exact` with prefix: what follows b is not scored).
 """
 from __future__ import annotations
 
