@@ -115,15 +115,9 @@ def main(argv=None):
     model.train()
     while step < args.max_steps:
         L = rng.choices(lengths, weights)[0]
-        batch = rng.sample(fits[L], max(2, args.tokens_per_batch // (L + 40)))
-        prompt_ids, prompt_mask = encode_prompts(tok, [r["prompt"] for r in batch])
-        answers = encode_answers(tok, [r["solution"] for r in batch], L)
-        loss = sft_loss(model, prompt_ids, prompt_mask, answers, tok.mask_token_id, gen)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        loss = sft_step(model, tok, rng.sample(fits[L], max(2, args.tokens_per_batch // (L + 40))), L, opt, sched, gen)
         step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if step % 50 == 0:
             print(f"step {step} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s", flush=True)
         if step % args.eval_every == 0:
@@ -135,6 +129,17 @@ def main(argv=None):
                 break
     save(model, tok, args, step, history, stages)
     print(f"wrote {args.out} after {step} steps")
+
+
+def sft_step(model, tok, batch: list[dict], length: int, opt, sched, gen) -> float:
+    """One optimizer step of the masked-diffusion SFT loss on `batch`, answers padded to `length`."""
+    prompt_ids, prompt_mask = encode_prompts(tok, [r["prompt"] for r in batch])
+    answers = encode_answers(tok, [r["solution"] for r in batch], length)
+    loss = sft_loss(model, prompt_ids, prompt_mask, answers, tok.mask_token_id, gen)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def save(model, tok, args, step, history, stages):

@@ -39,13 +39,13 @@ from pathlib import Path
 
 import torch
 
+from recipes.build_tiny_llada import sft_step
 from recipes.eval_tiny import scorer, task_rows
 from rewards._common import last_tag_content
-from rl.data.encode import decode_answers, encode_answers, encode_prompts
+from rl.data.encode import decode_answers, encode_prompts
 from rl.data.tasks import make_rows
 from rl.models import TINY_CHECKPOINT, TINY_LONG_CHECKPOINT, load_checkpoint
 from rl.models.tokenizer import end_token_ids
-from rl.sft import sft_loss
 from rollout.fast import FastSamplerConfig
 from rollout.rollout import sample
 
@@ -100,14 +100,9 @@ def main(argv=None):
         while step < (args.stop_at or args.max_steps):
             L = rng.choices(lengths, weights)[0]
             batch = rng.sample(fits[L], max(2, args.tokens_per_batch // (L + 24)))
-            prompt_ids, prompt_mask = encode_prompts(tok, [r["prompt"] for r in batch])
-            answers = encode_answers(tok, [r["solution"] for r in batch], L)
-            loss = sft_loss(model, prompt_ids, prompt_mask, answers, tok.mask_token_id, gen)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+            loss = sft_step(model, tok, batch, L, opt, sched, gen)
             step += 1
-            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            ema = loss if ema is None else 0.98 * ema + 0.02 * loss
             if step % 50 == 0:
                 print(f"step {step} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s", flush=True)
             if step % args.eval_every == 0 or step == (args.stop_at or args.max_steps):
