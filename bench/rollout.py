@@ -194,6 +194,8 @@ def main(argv=None):
                     "rows_x_positions_computed": statistics.median(stats[name]["row_tokens"]),
                     "tokens_per_step": round(statistics.median(stats[name]["tokens_per_step"]), 3),
                     "timed_accuracy": round(accuracy(texts[name], timed_rows), 4),
+                    # Answers whose </answer> fit in the length (task long scores a cut-off chain too).
+                    "answers_closed": round(sum("</answer>" in t for t in texts[name]) / len(timed_rows), 4),
                 }
                 if name != "ref":
                     entry[name]["speedup"] = round(statistics.median(

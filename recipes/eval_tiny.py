@@ -24,7 +24,7 @@ from rollout.sampler import SamplerConfig
 # fill 75-90 % of the length they are made for (rl/data/tasks.py).
 GEN_LENGTH = {"arithmetic": 32, "countdown": 48, "long": 256}
 # The reward that scores each task, its options and the row columns it reads. A long-task answer is
-# right when its chain of numbers from a to b is (rewards/exact.py: the stop is not scored).
+# right when its chain of numbers from a to b is (rewards/exact.py: neither the stop nor the closing tag is scored).
 REWARDS = {"arithmetic": ("math", {}, ("answer",)), "countdown": ("countdown", {}, ("numbers", "target")),
            "long": ("exact", {"prefix": True}, ("answer",))}
 

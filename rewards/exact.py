@@ -4,10 +4,12 @@ For answers that are strings rather than single numbers (a list, a sequence of s
 math-verify would read only a number or an expression out of them. Whitespace runs are collapsed
 and the ends stripped on both sides, so "1 2  3\\n" matches "1 2 3"; nothing else is normalised.
 Score 1.0 on a match, else 0.0 (no answer tag: 0.0). With `prefix=True` the answer only has to
-begin with the ground truth's words (what follows is not scored): task `long` scores its chain of
-numbers so, because a tiny diffusion model places its end-of-text from the length it is given, not
-from the count the prompt implies. The answer is only compared as a string; nothing in it is
-evaluated, and the comparison is linear in its length.
+begin with the ground truth's words and nothing after them is scored, the closing tag included: a
+last `<answer>` that the generation length cut off before its `</answer>` is read to the end of the
+text. Task `long` scores its chain of numbers so, because a tiny diffusion model places its
+end-of-text from the length it is given, not from the count the prompt implies, and counts on past
+b until the length runs out. The answer is only compared as a string; nothing in it is evaluated,
+and the comparison is linear in its length.
 """
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ def _norm(text: str) -> str:
 
 def exact_score(text: str, truth: str, answer_tag: str = "answer", prefix: bool = False) -> float:
     span = last_tag_content(text, answer_tag)
+    if prefix:
+        # An answer cut off by the length: its last opening tag comes after every closing one.
+        opening = f"<{answer_tag}>"
+        start = text.rfind(opening)
+        if start >= 0 and text.find(f"</{answer_tag}>", start) < 0:
+            span = text[start + len(opening):]
     if span is None:
         return 0.0
     got, want = _norm(span), _norm(truth)

@@ -176,6 +176,12 @@ def test_exact_reward_matches_the_answer_tag_as_text():
     assert prefix(None, ["<answer>101 102 103 104</answer>", "<answer>101 102 1034</answer>",
                          "<answer>101 102</answer>", "<answer>101 102 103</answer>"],
                   answer=["101 102 103"] * 4) == [1.0, 0.0, 0.0, 1.0]
+    # an answer the length cut off before </answer> is read to its end, in prefix mode only; the last
+    # answer counts even when an earlier one was closed
+    cut = ["<answer>101 102 103 104 10", "<answer>101 102 10", "<answer>9</answer> <answer>101 102 103",
+           "<answer>101 102 103</answer> <answer>7 8"]
+    assert prefix(None, cut, answer=["101 102 103"] * 4) == [1.0, 0.0, 1.0, 0.0]
+    assert r(None, cut, answer=["101 102 103"] * 4) == [0.0, 0.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="prefix must be true or false"):
         ExactReward(prefix="yes")
 
