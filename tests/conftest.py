@@ -24,11 +24,24 @@ def compose_cfg(*overrides, base=SMALL):
         return compose(config_name="config", overrides=[*base, *overrides])
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A Ray of this test process alone, on 127.0.0.1 (never the machine's shared one)."""
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=6, include_dashboard=False, log_to_driver=False)
+@pytest.fixture(scope="session")
+def _ray_session():
     yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_session):
+    """A Ray of this test process alone, on 127.0.0.1 (never the machine's shared one). Started once and
+    shared by every test that asks for it until one takes it down (no_ray): a start costs 5-9 s."""
+    if not ray.is_initialized():
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield
+
+
+@pytest.fixture
+def no_ray():
+    """For a test that starts a Ray of its own, or must run without one."""
     ray.shutdown()
 
 

@@ -185,7 +185,7 @@ def test_wandb_offline_run_and_resume_reuse_the_id(wandb_env):
     assert (run_dir / RUN_ID_FILE).read_text() == run_id
 
 
-def test_ray_gauges_created_when_ray_is_initialised(tmp_path):
+def test_ray_gauges_created_when_ray_is_initialised(tmp_path, no_ray):
     ray = pytest.importorskip("ray")
     tr = Tracker(tmp_path, [], experiment_name="exp")
     tr.log(1, step_metrics(1))
@@ -277,7 +277,7 @@ print("bars", tlog.is_progress_bar_enabled(), os.environ["DS_ACCELERATOR"])
     assert "bars True cpu" in out.stdout, out.stderr[-3000:]
 
 
-def test_quiet_runtime_env_reaches_actors_with_their_own_env_vars(tmp_path):
+def test_quiet_runtime_env_reaches_actors_with_their_own_env_vars(tmp_path, no_ray):
     """The job-level runtime_env of quiet_runtime_env quiets actors that pass their own env_vars too (as
     the driver's actors do for the thread counts): Ray merges the env_vars and runs the setup hook."""
     ray = pytest.importorskip("ray")
