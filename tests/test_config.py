@@ -147,7 +147,7 @@ def test_bad_input_gets_one_message_before_any_actor(spoilt, override, message):
     assert len(str(err.value).splitlines()) == 1
 
 
-def test_driver_rejects_bad_input_before_starting_ray(spoilt, tmp_path):
+def test_driver_rejects_bad_input_before_starting_ray(spoilt, tmp_path, no_ray):
     ray = pytest.importorskip("ray")
     from rl.driver import Driver
 
