@@ -52,35 +52,30 @@ def final_weights(run_dir):
 
 @pytest.mark.slow
 def test_resume_continues_exactly(local_ray, tmp_path):
-    """4 steps straight == resume from the step-2 checkpoint + 2 steps: same weights, same metrics; so
-    does resume=auto when the newest checkpoint is damaged (it takes the intact older one)."""
+    """4 steps straight == resume from the step-2 checkpoint + 2 steps: same weights, same metrics. The
+    resume is resume=auto in a copy of the run whose newest checkpoint is damaged, so the driver also
+    shows it falls back to the intact older one, naming the damaged file. (A checkpoint named in
+    trainer.resume resumes exactly in test_rollout_ahead_overlaps_one_stale_step_and_resumes_exactly.)"""
     straight = run(tmp_path, "trainer.total_steps=4", "trainer.save_every=2", name="a")
-    step2 = tmp_path / "a" / "checkpoints" / "global_step_2"
-    resumed = run(tmp_path, "trainer.total_steps=4", "trainer.save_every=2", f"trainer.resume={step2}", name="b")
-    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    newest = tmp_path / "b" / "checkpoints" / "global_step_4"
+    biggest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    (tmp_path / "b" / "metrics.jsonl").write_text("")
+    with pytest.warns(UserWarning, match=rf"global_step_4 is damaged: .*{biggest.name}.*resuming from .*global_step_2"):
+        resumed = run(tmp_path, "trainer.total_steps=4", "trainer.save_every=2", "trainer.resume=auto", name="b")
 
     def stable(ms):
         return [{k: v for k, v in m.items() if not k.startswith(TIMING)} for m in ms]
 
     assert [m["step"] for m in resumed] == [3, 4]
     assert stable(straight)[3:] == stable(resumed)
-
-    # resume=auto in a copy of run a whose newest checkpoint is damaged: the driver falls back to the
-    # intact step 2, names the damaged file, and ends where the straight run did.
-    shutil.copytree(tmp_path / "a", tmp_path / "c")
-    newest = tmp_path / "c" / "checkpoints" / "global_step_4"
-    biggest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data = bytearray(biggest.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    biggest.write_bytes(bytes(data))
-    (tmp_path / "c" / "metrics.jsonl").write_text("")
-    with pytest.warns(UserWarning, match=rf"global_step_4 is damaged: .*{biggest.name}.*resuming from .*global_step_2"):
-        fallback = run(tmp_path, "trainer.total_steps=4", "trainer.save_every=2", "trainer.resume=auto", name="c")
-    assert [m["step"] for m in fallback] == [3, 4]
-    assert stable(straight)[3:] == stable(fallback)
-    c = final_weights(tmp_path / "c")
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    # The resumed run wrote its own step 4 over the damaged copy, so its weights are its own.
+    assert biggest.read_bytes() != bytes(data)
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dead_actors_are_named_restarted_and_the_step_retried_or_failed_cleanly(local_ray, tmp_path, caplog):
