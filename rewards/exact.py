@@ -6,10 +6,10 @@ and the ends stripped on both sides, so "1 2  3\\n" matches "1 2 3"; nothing els
 Score 1.0 on a match, else 0.0 (no answer tag: 0.0). With `prefix=True` the answer only has to
 begin with the ground truth's words and nothing after them is scored, the closing tag included: a
 last `<answer>` that the generation length cut off before its `</answer>` is read to the end of the
-text. Task `long` scores its chain of numbers so, because a tiny diffusion model places its
-end-of-text from the length it is given, not from the count the prompt implies, and counts on past
-b until the length runs out. The answer is only compared as a string; nothing in it is evaluated,
-and the comparison is linear in its length.
+text. Task `long` scores its chain of numbers so, because its tiny model does not stop at b: it
+counts on until the length runs out, and whether its closing tag still fits depends on the decoding
+order, not on the numbers (docs/TINY_MODEL.md). The answer is only compared as a string; nothing in
+it is evaluated, and the comparison is linear in its length.
 """
 from __future__ import annotations
 
