@@ -17,9 +17,10 @@ checkpoint is two runs:
 
 the first learns to count (97 % of the numbers right at step 2500) but ends its answers where answers
 of that length usually end; the second makes the numbers right (100 % at step 2000). Neither learns
-to stop at b: a diffusion model places its end-of-text while the numbers are still masked, which
-takes 4(b - a + 1) from the prompt, beyond this model (12 % of its answers stopped right at best).
-Its answers fill 90-98 % of any length instead, and the hundreds digit is where it still slips.
+to stop at b (12 % of its answers stopped right at best): even with every number up to b written and
+the rest masked it predicts another number, so it would have to compare what it wrote with the
+prompt's b, which it does not (docs/TINY_MODEL.md). Its answers fill 90-98 % of any length instead,
+and the hundreds digit is where it still slips.
 
 Selection: the chain accuracy of task `long` (reward `exact` with prefix: every number from a to b
 in order; what follows b is not scored) of greedy fast decoding on held-out rows made to fill 75-90 %
