@@ -10,7 +10,9 @@ next step's, generated during the update, at 1) and of the learner update, the r
 over step) and the learner's idle share (timing_s/wait_rollout over the step: at 0 the whole rollout,
 at 1 only what the update did not cover). The first and last steps are left out of the medians: at
 rollout_ahead=1 the first has nothing generated ahead yet and the last nothing to generate ahead.
-`speedup` is the median step time at 0 over that at 1, per worker count.
+`speedup` is the median step time at 0 over that at 1, per worker count; with `--repeats R` the
+pairs of runs (0 then 1) are interleaved R times, each configuration's medians pool its R runs, and
+`speedup` is the median of the R pairs' ratios (all of them in `speedup_pairs`).
 
 Then the weight sync (bench/sync.py, `--sync-sizes`, none to skip): seconds per sync through Ray's
 object store and over the collective group at three model sizes with 2 rollout workers. One JSON
@@ -59,10 +61,15 @@ def rollout_seconds(m: dict) -> float:
     return m.get("timing_s/rollout_ahead", m["timing_s/gen"] + m["timing_s/reward"])
 
 
-def summarize(metrics: list[dict]) -> dict:
+def measured(metrics: list[dict]) -> list[dict]:
     # Neither the first step (nothing generated ahead yet) nor the last (nothing to generate ahead).
     last = max(m["step"] for m in metrics)
-    steps = [m for m in metrics if 1 < m["step"] < last and "timing_s/step" in m]
+    return [m for m in metrics if 1 < m["step"] < last and "timing_s/step" in m]
+
+
+def summarize(*runs: list[dict]) -> dict:
+    """Medians over the measured steps of every run given (the repeats of one configuration)."""
+    steps = [m for metrics in runs for m in measured(metrics)]
 
     def med(f):
         return round(statistics.median(f(m) for m in steps), 3)
@@ -85,6 +92,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--recipe", default="tiny")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="pairs of runs (rollout_ahead 0, then 1) per worker count, interleaved so drift in the "
+                         "machine's speed hits both; speedup is the median of the pairs' ratios")
     ap.add_argument("--sync-sizes", nargs="*", default=["tiny", "25M", "100M"],
                     help="bench/sync.py model sizes for the sync measurement (none: skip it)")
     ap.add_argument("--sync-repeats", type=int, default=3)
@@ -94,18 +104,27 @@ def main(argv=None) -> dict:
         ap.error("--steps must be >= 3 (the first and last steps are left out of the medians)")
     base = [f"trainer.total_steps={args.steps}", "trainer.val_before_train=false", "trainer.val_every=0",
             "trainer.save_every=0", *args.overrides]
-    result = {"recipe": args.recipe, "steps": args.steps, "overrides": args.overrides, "configs": {}}
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    result = {"recipe": args.recipe, "steps": args.steps, "repeats": args.repeats, "overrides": args.overrides,
+              "configs": {}, "speedup": {}, "speedup_pairs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.workers:
+            runs, pairs = {0: [], 1: []}, []
+            for r in range(args.repeats):
+                seconds = {}
+                for ahead in (0, 1):
+                    name = f"workers={n},rollout_ahead={ahead}"
+                    cfg = config(args.recipe, [*base, f"rollout.num_workers={n}", f"trainer.rollout_ahead={ahead}"])
+                    runs[ahead].append(run(cfg, Path(tmp) / f"{name.replace(',', '_')}_{r}"))
+                    this = summarize(runs[ahead][-1])
+                    seconds[ahead] = this["step_seconds_median"]
+                    print(json.dumps({name: this, "repeat": r}), file=sys.stderr, flush=True)
+                pairs.append(round(seconds[0] / seconds[1], 3))
             for ahead in (0, 1):
-                name = f"workers={n},rollout_ahead={ahead}"
-                cfg = config(args.recipe, [*base, f"rollout.num_workers={n}", f"trainer.rollout_ahead={ahead}"])
-                result["configs"][name] = summarize(run(cfg, Path(tmp) / name.replace(",", "_")))
-                print(json.dumps({name: result["configs"][name]}), file=sys.stderr, flush=True)
-    result["speedup"] = {
-        f"workers={n}": round(result["configs"][f"workers={n},rollout_ahead=0"]["step_seconds_median"]
-                              / result["configs"][f"workers={n},rollout_ahead=1"]["step_seconds_median"], 3)
-        for n in args.workers}
+                result["configs"][f"workers={n},rollout_ahead={ahead}"] = summarize(*runs[ahead])
+            result["speedup"][f"workers={n}"] = round(statistics.median(pairs), 3)
+            result["speedup_pairs"][f"workers={n}"] = pairs
     if args.sync_sizes:
         from bench.sync import measure
 

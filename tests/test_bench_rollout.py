@@ -45,6 +45,8 @@ def test_bench_long_task_reports_each_technique_without_early_stop():
         assert entry[name]["early_stop"] is False and entry[name]["speedup"] > 0
         assert entry[name]["ref_accuracy"] == entry["ref_accuracy"]  # every prompt was timed
         assert 0.0 <= entry[name]["fast_accuracy"] <= 1.0
+    # answers_closed: the share of answers whose </answer> fit, where task long scores the chain alone
+    assert all(0.0 <= entry[k]["answers_closed"] <= 1.0 for k in ("ref", "fast", "cache_and_threshold"))
     assert entry["fast"]["early_stop"] is True
     assert entry["speedup_without_early_stop"] == entry["cache_and_threshold"]["speedup"]
     assert entry["ref_accuracy_method"] == "reference sampler (every prompt timed)"

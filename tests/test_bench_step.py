@@ -24,3 +24,11 @@ def test_summary_leaves_out_the_first_and_last_steps_and_reads_the_overlapped_ro
     a = summarize(ahead)
     assert a["steps_measured"] == 2 and a["step_seconds_median"] == 6.1
     assert a["rollout_seconds_median"] == 4.0 and a["learner_idle_share"] == 0.0 and a["staleness_mean"] == 1.0
+
+
+def test_repeats_pool_the_measured_steps_of_every_run():
+    first = [_step(k, 2.0, 1.0, 6.0, 9.0, 3.0, 0.0) for k in (1, 2, 3, 4)]
+    second = [_step(k, 2.0, 1.0, 6.0, t, 3.0, 0.0) for k, t in ((1, 30.0), (2, 7.0), (3, 7.0), (4, 30.0))]
+    pooled = summarize(first, second)
+    # steps 2 and 3 of each run: 9, 9, 7, 7 (the first and last steps' 30 s left out)
+    assert pooled["steps_measured"] == 4 and pooled["step_seconds_median"] == 8.0
