@@ -42,7 +42,7 @@ import torch
 
 from recipes.build_tiny_llada import sft_step
 from recipes.eval_tiny import scorer, task_rows
-from rewards._common import last_tag_content
+from rewards.exact import answer_span
 from rl.data.encode import decode_answers, encode_prompts
 from rl.data.tasks import make_rows
 from rl.models import TINY_CHECKPOINT, TINY_LONG_CHECKPOINT, load_checkpoint
@@ -128,7 +128,7 @@ def evaluate(model, tok, rows, sampler, score) -> dict:
     texts = decode_answers(tok, out.answer_ids, end_token_ids(tok))
     right = []
     for text, row in zip(texts, rows):
-        want, got = row["answer"].split(), (last_tag_content(text, "answer") or text).split()
+        want, got = row["answer"].split(), (answer_span(text, cut_off=True) or text).split()
         right.append(sum(a == b for a, b in zip(want, got)) / len(want))
     return {"accuracy": sum(score(texts, rows)) / len(rows), "numbers_right": round(sum(right) / len(rows), 4),
             "tokens_per_step": round(float(out.tokens_per_step.mean()), 2)}

@@ -25,14 +25,20 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
-def exact_score(text: str, truth: str, answer_tag: str = "answer", prefix: bool = False) -> float:
-    span = last_tag_content(text, answer_tag)
-    if prefix:
-        # An answer cut off by the length: its last opening tag comes after every closing one.
+def answer_span(text: str, answer_tag: str = "answer", cut_off: bool = False) -> str | None:
+    """The last complete <tag>...</tag>'s content; with `cut_off`, a last <tag> that the generation
+    length cut off before its closing tag counts too, read to the end of the text."""
+    if cut_off:
         opening = f"<{answer_tag}>"
         start = text.rfind(opening)
+        # Cut off: the last opening tag comes after every closing one.
         if start >= 0 and text.find(f"</{answer_tag}>", start) < 0:
-            span = text[start + len(opening):]
+            return text[start + len(opening):]
+    return last_tag_content(text, answer_tag)
+
+
+def exact_score(text: str, truth: str, answer_tag: str = "answer", prefix: bool = False) -> float:
+    span = answer_span(text, answer_tag, cut_off=prefix)
     if span is None:
         return 0.0
     got, want = _norm(span), _norm(truth)
